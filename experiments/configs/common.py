@@ -1,0 +1,141 @@
+"""Shared config fragments: the embedded CPU benchmark and paper presets.
+
+Every field has one comment. Method configs import ``get_base_config`` and
+override; ``variant`` strings (``--config=...py:tiny``) pick presets:
+
+* ``''`` (default): the embedded synthetic benchmark, CPU-sized.
+* ``'tiny'``: a few steps on a handful of small images (tests, smoke runs).
+Several presets combine with commas: ``:paper,single_ls``.
+
+* ``'paper'``: DeepLab-v2 ResNet-101 at 512x1024, batch 1, the originals'
+  optimiser; needs real data (``--config.source.name=folder`` ...).
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """The CPU default: tiny DeepLab-v2 on the embedded benchmark."""
+  c = ml_collections.ConfigDict()
+  c.method = "source_only"  # registry name in jaxda.methods.METHODS
+  c.seed = 0  # parameter init and data order; runs are deterministic in it
+  c.num_steps = 1200  # training steps (AdaptSegNet: NUM_STEPS_STOP)
+  c.batch_size = 8  # global batch per domain; divisible by the devices
+  c.num_devices = -1  # -1: all visible devices; else the first N
+
+  c.source = ml_collections.ConfigDict()
+  c.source.name = "synthetic"  # 'synthetic' (embedded) or 'folder'
+  c.source.data_dir = ""  # folder root; for 'synthetic' the cache dir
+  c.target = ml_collections.ConfigDict()
+  c.target.name = "synthetic"  # as source.name
+  c.target.data_dir = ""  # as source.data_dir
+
+  c.data = ml_collections.ConfigDict()
+  c.data.height = 64  # training/eval image height after resizing
+  c.data.width = 128  # training/eval image width after resizing
+  c.data.num_train_images = 800  # synthetic: images per domain (train)
+  c.data.num_val_images = 200  # synthetic: target val images
+  c.data.seed = 0  # synthetic benchmark generator seed (fixed across runs)
+  c.data.normalization = "unit"  # 'unit' | 'imagenet' | 'caffe_bgr'
+  c.data.flip = False  # random horizontal mirror (originals: none)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "deeplabv2_tiny"  # jaxda.models.SEGMENTER_NAMES
+  c.model.multi_level = True  # aux ASPP head on layer3 (AdaptSegNet multi)
+  c.model.aspp_branches_used = 4  # 2 reproduces AdaptSegNet's early return
+  c.model.bn_mode = "source"  # 'frozen' | 'train' (originals) | 'source'
+  c.model.upsample_align_corners = True  # originals: align_corners=True
+  c.model.init_checkpoint = ""  # workdir of a run to warm-start from
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "sgd"  # 'sgd' (originals) or 'adam'
+  c.optim.learning_rate = 0.02  # base LR (originals: 2.5e-4, pretrained)
+  c.optim.momentum = 0.9  # SGD momentum
+  c.optim.weight_decay = 5e-4  # coupled L2 (PyTorch weight_decay)
+  c.optim.power = 0.9  # poly exponent; 0 = constant LR
+  c.optim.schedule_steps = -1  # poly length; -1 = num_steps
+  c.optim.head_lr_mult = 10.0  # ASPP heads' LR multiplier
+  c.optim.frozen_regexes = ()  # extra param-path regexes never updated
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lambda_seg_aux = 0.1  # weight of the aux-head CE
+
+  c.adversarial = ml_collections.ConfigDict()
+  c.adversarial.gan = "vanilla"  # 'vanilla' (BCE) or 'ls' (LS-GAN)
+  c.adversarial.lambda_adv_main = 0.01  # λ_adv on the main output
+  c.adversarial.lambda_adv_aux = 0.002  # λ_adv on the aux output
+  c.adversarial.ndf = 32  # FC discriminator width (originals: 64)
+  c.adversarial.learning_rate = 1e-4  # D Adam LR
+  c.adversarial.b1 = 0.9  # D Adam beta1
+  c.adversarial.b2 = 0.99  # D Adam beta2
+
+  c.minent = ml_collections.ConfigDict()
+  c.minent.lambda_ent_main = 0.001  # MinEnt weight, main output
+  c.minent.lambda_ent_aux = 0.0002  # MinEnt weight, aux output
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 32  # evaluation batch (rounded to the devices)
+  c.eval.num_pictures = 4  # target images drawn in the prediction picture
+
+  c.log_every = 50  # steps between metric logs (and NaN checks)
+  c.checkpoint_every = 200  # steps between checkpoints
+  c.max_checkpoints = 2  # checkpoints kept
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str,
+                  extra: dict | None = None):
+  """Applies comma-separated presets (``'tiny'``, ``'paper,single_ls'``).
+
+  Args:
+    c: the config, changed in place.
+    variant: preset names separated by commas, applied left to right.
+    extra: method-specific presets ``{name: fn(config)}``.
+
+  Returns:
+    ``c``.
+  """
+  extra = extra or {}
+  for token in [t.strip() for t in (variant or "").split(",") if t.strip()]:
+    if token in extra:
+      extra[token](c)
+    else:
+      _apply_common(c, token, sorted(extra))
+  return c
+
+
+def _apply_common(c, variant, extra_names):
+  if variant == "tiny":
+    c.num_steps = 4
+    c.batch_size = 8
+    c.data.height = 32
+    c.data.width = 64
+    c.data.num_train_images = 16
+    c.data.num_val_images = 8
+    c.adversarial.ndf = 8
+    c.log_every = 2
+    c.checkpoint_every = 2
+    c.eval.batch_size = 8
+    c.eval.num_pictures = 2
+    return c
+  if variant == "paper":
+    # METHODS.md §3.9, §4.4: DeepLab-v2 R101, batch 1, 512x1024 crops, SGD
+    # 2.5e-4 poly over 250k, stop at 150k, D Adam 1e-4 (0.9, 0.99).
+    c.model.name = "deeplabv2_resnet101"
+    c.model.bn_mode = "frozen"
+    c.data.height = 512
+    c.data.width = 1024
+    c.data.normalization = "caffe_bgr"
+    c.batch_size = 1
+    c.num_steps = 150_000
+    c.optim.learning_rate = 2.5e-4
+    c.optim.schedule_steps = 250_000
+    c.adversarial.ndf = 64
+    c.adversarial.lambda_adv_main = 0.001
+    c.adversarial.lambda_adv_aux = 0.0002
+    c.log_every = 100
+    c.checkpoint_every = 5000
+    return c
+  raise ValueError(
+      f"unknown config variant {variant!r}; known: "
+      + ", ".join(["tiny", "paper"] + list(extra_names)))

@@ -1,0 +1,70 @@
+"""Shared command-line front end of the ``experiments.<method>`` entry points.
+
+Each entry point is ``main.run(default_config_path)``: absl flags
+``--config=PATH[:variant]`` (with ``--config.key=value`` overrides, unknown
+keys rejected), ``--workdir=DIR``; user errors end with one line saying what
+is wrong and how to fix it, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (checkpoints, logs, pictures, summary);"
+    " default runs/<method>_seed<seed>. Rerunning resumes.")
+
+
+def config_path(name: str) -> str:
+  """Absolute path of ``experiments/configs/<name>.py``."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                      f"{name}.py")
+
+
+def define_config_flag(default_config: str) -> None:
+  config_flags.DEFINE_config_file(
+      "config", default_config, "Config file, optionally PATH:variant.",
+      lock_config=True)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions that mean "the user must change something"."""
+  from jaxda import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxda import train_loop  # pylint: disable=g-import-not-at-top
+  from jaxda.data import errors  # pylint: disable=g-import-not-at-top
+  return (train_loop.ConfigError, train_loop.TrainingDivergedError,
+          errors.DataError, checkpoint.CheckpointError, PermissionError,
+          FileNotFoundError)
+
+
+def run(default_config: str, train_fn_name: str = "train_and_evaluate",
+        module: str = "jaxda.train_loop") -> None:
+  """Defines the flags and runs ``module.train_fn_name(config, workdir)``."""
+  define_config_flag(default_config)
+
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import importlib  # pylint: disable=g-import-not-at-top
+    config = flags.FLAGS.config
+    workdir = _WORKDIR.value or os.path.join(
+        "runs", f"{config.method}_seed{config.seed}")
+    train_fn: Callable = getattr(importlib.import_module(module),
+                                 train_fn_name)
+    try:
+      train_fn(config, workdir)
+    except user_errors() as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      print("interrupted; rerun the same command to resume from the last"
+            " checkpoint", file=sys.stderr)
+      sys.exit(130)
+
+  app.run(_main)

@@ -1,0 +1,100 @@
+"""Segmentation evaluation: confusion matrix on device, IoU on the host.
+
+Protocol of the originals (METHODS.md §3.10): main output upsampled to the
+label resolution with align-corners bilinear, argmax, confusion matrix over
+every image exactly once (padding of the last batch masked out), per-class
+IoU = diag / (row + col - diag), mIoU = nanmean over classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxda import metrics
+from jaxda import parallel
+from jaxda.methods import base
+
+IGNORE = 255
+
+
+def make_predict_fn(models: base.Models, *, bn_mode: str,
+                    align_corners: bool) -> Callable:
+  """``predict(state, images) -> probs`` (B, H, W, C) of the main output.
+
+  Runs with running BatchNorm statistics (never updated), as every
+  evaluation or pseudo-labelling pass must.
+  """
+
+  def predict(state, images):
+    outputs, _ = base.forward(models, state.params, state.batch_stats, images,
+                              bn_mode=bn_mode, labelled=False,
+                              training=False)
+    logits = base.upsample_outputs({"main": outputs["main"]},
+                                   images.shape[1:3],
+                                   align_corners=align_corners)["main"]
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  return predict
+
+
+def make_confusion_fn(predict_fn: Callable, num_classes: int) -> Callable:
+  """``fn(state, batch) -> (C, C)`` confusion summed over the global batch.
+
+  ``batch`` holds ``image`` (B, H, W, 3), ``label`` (B, H, W) and ``mask``
+  (B,) marking real (not padding) examples.
+  """
+
+  def confusion(state, batch):
+    preds = jnp.argmax(predict_fn(state, batch["image"]), axis=-1)
+    labels = jnp.where(batch["mask"][:, None, None], batch["label"], IGNORE)
+    return metrics.confusion_matrix(preds, labels, num_classes,
+                                    ignore_index=IGNORE)
+
+  return confusion
+
+
+def summarize_confusion(confusion: np.ndarray,
+                        class_names: Iterable[str]) -> dict[str, Any]:
+  """Turns a confusion matrix into the summary's metrics.
+
+  Returns:
+    ``{'miou', 'pixel_accuracy', 'per_class_iou': {name: iou or None}}``;
+    IoU values are fractions in [0, 1]; ``None`` marks a class absent from
+    both prediction and ground truth (excluded from the nanmean).
+  """
+  confusion = np.asarray(confusion, np.int64)
+  ious = metrics.iou_per_class(confusion)
+  return {
+      "miou": float(metrics.mean_iou(confusion)),
+      "pixel_accuracy": float(metrics.pixel_accuracy(confusion)),
+      "per_class_iou": {
+          name: (None if np.isnan(v) else float(v))
+          for name, v in zip(class_names, ious)},
+  }
+
+
+def evaluate(confusion_fn_jit: Callable, state, batches: Iterable[dict],
+             mesh) -> np.ndarray:
+  """Accumulates the confusion matrix over ``batches`` (host int64)."""
+  total = None
+  for batch in batches:
+    cm = parallel.to_host(confusion_fn_jit(state, parallel.shard_batch(
+        batch, mesh)))
+    total = cm.astype(np.int64) if total is None else total + cm
+  if total is None:
+    raise ValueError("evaluation set is empty")
+  return total
+
+
+def format_iou_table(result: dict[str, Any]) -> str:
+  """A fixed-width per-class IoU table (percent) for logs and terminals."""
+  rows = [f"{'class':<16}{'IoU %':>8}"]
+  for name, v in result["per_class_iou"].items():
+    rows.append(f"{name:<16}{'  n/a' if v is None else f'{100 * v:8.2f}'}")
+  rows.append(f"{'mIoU':<16}{100 * result['miou']:8.2f}")
+  rows.append(f"{'pixel acc.':<16}{100 * result['pixel_accuracy']:8.2f}")
+  return "\n".join(rows)

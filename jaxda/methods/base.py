@@ -1,0 +1,138 @@
+"""What a method is: a factory of pure train steps plus a few facts.
+
+A method composes pure losses (``jaxda.losses``) into a step
+``(state, batch, rng) -> (state, metrics)``. The batch is the paired
+contract ``{'source': {'image', 'label'}, 'target': {'image', ...}}``; which
+target fields exist depends on the method (``'label'`` only for the oracle,
+pseudo labels for self-training). The run loop compiles the step once with
+``jaxda.parallel.jit_step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxda import losses
+from jaxda import ops
+
+StepFn = Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The Flax modules a method uses (the only Flax objects it sees)."""
+  segmenter: nn.Module
+  discriminator: nn.Module | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Registry entry of a training method.
+
+  Attributes:
+    name: registry name, equal to the config's ``method``.
+    make_step: ``make_step(models, config, tx, disc_tx) -> StepFn``.
+    uses_target_images: the step reads ``batch['target']['image']``.
+    uses_source_images: the step reads ``batch['source']``.
+    target_labels: ``'none'`` (unsupervised), ``'ground_truth'`` (oracle),
+      or ``'pseudo'`` (self-training supplies them).
+    discriminator_inputs: ``'none'``, ``'softmax'`` or ``'entropy'``;
+      decides whether discriminators are created and what they eat.
+  """
+  name: str
+  make_step: Callable[..., StepFn]
+  uses_target_images: bool = True
+  uses_source_images: bool = True
+  target_labels: str = "none"
+  discriminator_inputs: str = "none"
+
+
+def output_levels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """``('main', 'aux')`` for multi-level models, ``('main',)`` otherwise."""
+  return ("main", "aux") if config.model.multi_level else ("main",)
+
+
+BN_MODES = ("frozen", "train", "source")
+
+
+def forward(models: Models, params, batch_stats, images, *, bn_mode: str,
+            labelled: bool, training: bool = True):
+  """Runs the segmenter with the configured BatchNorm behaviour.
+
+  ``bn_mode`` (METHODS.md §3.6):
+    * ``'frozen'``: always the stored running statistics, never updated
+      (CRST; needs pretrained statistics).
+    * ``'train'``: batch statistics in every training pass and running
+      statistics updated by every pass, source and target, in order: the
+      originals' ``model.train()`` (AdaptSegNet, ADVENT, IntraDA).
+    * ``'source'``: batch statistics and updates only in passes over the
+      labelled domain; passes over the unlabelled domain use the running
+      statistics and change nothing. For models trained from scratch (the CPU
+      benchmark): every method then normalises target images identically, so
+      a comparison measures the adaptation loss, not a BatchNorm leak.
+
+  Args:
+    models: the modules.
+    params: segmenter parameters.
+    batch_stats: BatchNorm running statistics.
+    images: (B, H, W, 3) float32.
+    bn_mode: one of ``BN_MODES``.
+    labelled: the pass is over the domain whose labels train the model.
+    training: False for evaluation, pseudo-labelling and logging passes,
+      which always use (and never touch) the running statistics.
+
+  Returns:
+    ``(outputs, batch_stats)``: dict of (B, h, w, C) logits per level and the
+    (possibly updated) statistics.
+  """
+  if bn_mode not in BN_MODES:
+    raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+  variables = {"params": params, "batch_stats": batch_stats}
+  use_batch = training and (
+      bn_mode == "train" or (bn_mode == "source" and labelled))
+  if use_batch:
+    outputs, mutated = models.segmenter.apply(
+        variables, images, train_bn=True, mutable=["batch_stats"])
+    return outputs, mutated["batch_stats"]
+  return models.segmenter.apply(variables, images, train_bn=False), batch_stats
+
+
+def upsample_outputs(outputs: dict[str, jax.Array], size: tuple[int, int], *,
+                     align_corners: bool) -> dict[str, jax.Array]:
+  """Upsamples every level's logits to ``size`` = (H, W) of the input."""
+  return {k: ops.upsample_bilinear(v, size, align_corners=align_corners)
+          for k, v in outputs.items()}
+
+
+def segmentation_loss(logits: dict[str, jax.Array], labels: jax.Array, *,
+                      lambda_aux: float, weights: jax.Array | None = None):
+  """``CE(main) + lambda_aux * CE(aux)`` on upsampled logits (ignore 255).
+
+  Returns:
+    ``(loss, metrics)`` with the per-level CE in ``metrics``.
+  """
+  metrics = {}
+  total = 0.0
+  for level, logit in logits.items():
+    ce = losses.softmax_cross_entropy(logits=logit, labels=labels,
+                                      weights=weights)
+    metrics[f"ce_{level}"] = ce
+    total = total + (1.0 if level == "main" else lambda_aux) * ce
+  return total, metrics
+
+
+def apply_updates(tx: optax.GradientTransformation, grads, opt_state, params):
+  """One optax update; returns ``(params, opt_state)``."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def global_norm(tree) -> jax.Array:
+  return optax.global_norm(tree).astype(jnp.float32)
