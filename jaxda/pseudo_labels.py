@@ -467,6 +467,25 @@ def target_portion(round_index: int,
 # ---------------------------------------------------------------------------
 
 
+def _top_classes(r: jax.Array, top_k: int, class_ids: jax.Array) -> jax.Array:
+  """(..., top_k) int32 classes by decreasing r, ties -> lower index first.
+
+  For small k, k argmax passes (first max = lower index, earlier picks
+  masked out) are ~5x faster than `lax.top_k` on CPU; `lax.top_k` has the
+  same tie order (documented) and serves larger k.
+  """
+  if top_k > 4:
+    return jax.lax.top_k(r, top_k)[1].astype(jnp.int32)
+  picks = []
+  masked = r
+  for _ in range(top_k):
+    pick = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    picks.append(pick)
+    # r >= 0, so -inf never beats a class that has not been picked yet.
+    masked = jnp.where(class_ids == pick[..., None], -jnp.inf, masked)
+  return jnp.stack(picks, axis=-1)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("window", "num_iters", "pooling", "combine", "top_k",
@@ -532,11 +551,10 @@ def densify(
     return labels
 
   r = _ratios(probs, thresholds)
-  # Candidates depend on r only: computed once. lax.top_k puts the
-  # lower index first on ties, the reference's stable descending order.
-  _, candidates = jax.lax.top_k(r, top_k)  # (B, H, W, top_k)
-  r_candidates = jnp.take_along_axis(r, candidates, axis=-1)
   class_ids = jnp.arange(num_classes, dtype=jnp.int32)
+  # Candidates depend on r only: computed once, (B, H, W, top_k).
+  candidates = _top_classes(r, top_k, class_ids)
+  r_candidates = jnp.take_along_axis(r, candidates, axis=-1)
   half = window // 2
   zero = jnp.zeros((), r.dtype)
 

@@ -10,7 +10,8 @@ drawn `s * (object height / camera height)` pixels tall.
 The two domains differ only in appearance:
 
 * ``'source'`` looks "rendered": one flat colour per class with a small
-  per-image and per-instance jitter, no texture, no noise.
+  per-image and per-instance jitter (cars get one of a few saturated paints),
+  a per-image exposure gain and faint noise; no texture.
 * ``'target'`` looks "captured": a different palette (per-instance façade,
   car and clothing colours), textures (asphalt noise and lane markings,
   perspective paving tiles, bricks or windows on façades, foliage noise,
@@ -35,7 +36,7 @@ import numpy as np
 
 # Bump whenever the pixels produced for a given set of arguments change, so
 # that stale cache files are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASS_NAMES = ('road', 'sidewalk', 'building', 'sky', 'vegetation', 'pole',
                'car', 'person', 'terrain', 'traffic_sign')
@@ -77,6 +78,10 @@ _SOURCE_COLOURS = np.array([
     [160, 210, 96],  # terrain
     [250, 214, 24],  # traffic sign
 ], dtype=np.float32)
+
+_SOURCE_CAR_COLOURS = np.array(
+    [[36, 72, 210], [210, 40, 40], [232, 232, 236], [40, 40, 52]],
+    dtype=np.float32)
 
 # 'target': duller, camera-like colours; building, car and person colours are
 # drawn per instance from the sets below instead.
@@ -209,11 +214,15 @@ def _sample_target_look(rng, height, width):
   }
 
 
-def _sample_source_look(rng):
-  """Draws the source-domain colour jitter of one image."""
+def _sample_source_look(rng, height, width):
+  """Draws the source-domain colour jitter and exposure of one image."""
   return {
       'class_jitter': rng.normal(0.0, 8.0, (NUM_CLASSES, 3)),
       'inst_jitter': rng.normal(0.0, 10.0, (_NUM_INST, 3)),
+      'car_colour': rng.integers(0, len(_SOURCE_CAR_COLOURS), _NUM_INST),
+      'gain': rng.uniform(0.8, 1.15),
+      'noise_std': rng.uniform(0.0, 3.0),
+      'sensor': rng.standard_normal((height, width, 3), dtype=np.float32),
   }
 
 
@@ -389,7 +398,7 @@ def _render_layout(lay, height, width):
 
 
 def _upsample(grid, height, width):
-  """Smooth (bilinear with smoothstep) upsampling of (B, gy, gx) to (B, H, W)."""
+  """Smoothstep-bilinear upsampling of (B, gy, gx) grids to (B, H, W)."""
   gy, gx = grid.shape[1:]
   ys = (np.arange(height) + 0.5) / height * (gy - 1)
   xs = (np.arange(width) + 0.5) / width * (gx - 1)
@@ -421,10 +430,21 @@ def _blur(img, passes):
 
 
 def _paint_source(labels, inst, look):
-  """Flat per-class colours plus small per-image and per-instance jitter."""
-  n = np.arange(labels.shape[0])[:, None, None]
-  img = (_SOURCE_COLOURS[labels] + look['class_jitter'][n, labels] +
-         look['inst_jitter'][n, inst])
+  """Flat per-class colours with per-image and per-instance jitter.
+
+  Cars take one of a few saturated paints per instance and each image gets
+  an exposure gain and faint noise: enough within-class variation that a
+  network cannot segment source images by exact colour lookup alone.
+  """
+  b = labels.shape[0]
+  n = np.arange(b)[:, None, None]
+  table = np.broadcast_to(_SOURCE_COLOURS[None, :, None, :],
+                          (b, NUM_CLASSES, _NUM_INST, 3)).copy()
+  table[:, CAR] = _SOURCE_CAR_COLOURS[look['car_colour']]
+  table += look['class_jitter'][:, :, None] + look['inst_jitter'][:, None]
+  table *= _col(look['gain'])[..., None]
+  img = table[n, labels, inst]
+  img += _col(look['noise_std'])[..., None] * look['sensor']
   return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -491,6 +511,7 @@ def _paint_target(labels, inst, part, geom, look):
               _col(look['window'][:, 3]), 1.0)
   window = (is_building & (style == 1) & (fy > 0.3) & (fy < 0.8) &
             (fx > 0.25) & (fx < 0.75))
+  # Codes 0-4 are the `_PART_*` codes (0 = keep), 5 marking, 6 window.
   code = np.where(marking, 5, np.where(window, 6, part))
   override = np.stack([np.zeros(3, np.float32), _WINDOW,
                        np.full(3, 22, np.float32), _SKIN, _TRUNK, _MARKING,
@@ -544,8 +565,8 @@ def generate(domain, num_images, *, height=64, width=128, seed=0):
     lab, inst, part, geom = _render_layout(lay, height, width)
     look_rngs = [np.random.default_rng([seed, salt, i, 1]) for i in idx]
     if domain == 'source':
-      img = _paint_source(lab, inst, _stack([_sample_source_look(r)
-                                             for r in look_rngs]))
+      img = _paint_source(lab, inst, _stack(
+          [_sample_source_look(r, height, width) for r in look_rngs]))
     else:
       img = _paint_target(lab, inst, part, geom, _stack(
           [_sample_target_look(r, height, width) for r in look_rngs]))

@@ -135,4 +135,4 @@ def apply_updates(tx: optax.GradientTransformation, grads, opt_state, params):
 
 
 def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree).astype(jnp.float32)
+  return optax.tree.norm(tree).astype(jnp.float32)

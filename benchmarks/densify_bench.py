@@ -1,0 +1,467 @@
+"""Benchmark of TPLD voting densification and CBST threshold estimation.
+
+Run (small defaults, a minute or so on a laptop CPU):
+
+  python -m benchmarks.densify_bench --out /tmp/densify_bench
+
+Paper-scale threshold pass (100 Cityscapes-size maps, generated batch by
+batch; the exact form then holds ~50 MB of confidences, the histogram 156 kB):
+
+  python -m benchmarks.densify_bench --out DIR --maps 100
+
+Part 1 times `jaxda.pseudo_labels.densify` (jitted, one reduce_window per
+iteration over (B, H, W, C)) against two NumPy implementations of the same
+rule, written here: a fully vectorised one (all classes at once, windows as
+zero padding + window² shifted sums) and one looping over classes. All three
+compute in float32; their labels are compared. Throughput is megapixels ×
+classes per second per call (`num_iters` iterations included). The kernel's
+effective bandwidth counts, per iteration, one read of the (B, H, W, C)
+float32 probabilities plus one read and one write of the int32 label map,
+and is reported as a fraction of the machine's copy bandwidth (NumPy copy of
+a 256 MiB array, read + write bytes, the STREAM convention).
+
+Part 2 runs one thresholds pass (CRST semantics, subsample 4) over `--maps`
+synthetic softmax maps: the exact form (`class_confidences` per batch on the
+host + `thresholds_from_confidences`) against the streaming histogram
+(`update_threshold_histogram` per batch on device +
+`thresholds_from_histogram`). Map generation is not timed. Memory: for the
+exact form the tracemalloc peak during the pass minus the input batch (i.e.
+the confidence lists + transients); for the streaming form the histogram
+bytes plus XLA's temporary buffer size for one update call.
+
+Every repeat and the medians go to DIR/densify_bench.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxda import pseudo_labels
+
+IGNORE = pseudo_labels.IGNORE_INDEX
+
+
+# ---------------------------------------------------------------------------
+# Synthetic data
+# ---------------------------------------------------------------------------
+
+
+def _synthetic_probs(key, batch, height, width, num_classes, block=16):
+  """Float32 softmax maps with piecewise-constant 'objects' plus noise.
+
+  Per-block logit scales vary from flat to very peaked, so confidences span
+  [1/C, 1] with many values near 1 like a trained network's.
+  """
+  k1, k2, k3 = jax.random.split(key, 3)
+  bh, bw = -(-height // block), -(-width // block)
+  logits = jax.random.normal(k1, (batch, bh, bw, num_classes))
+  scale = jnp.exp(jax.random.uniform(k2, (batch, bh, bw, 1), minval=0.5,
+                                     maxval=3.5))
+  logits = jnp.repeat(jnp.repeat(logits * scale, block, 1), block, 2)
+  logits = logits[:, :height, :width]
+  logits = logits + 0.7 * jax.random.normal(k3, logits.shape)
+  return jax.nn.softmax(logits, axis=-1).astype(jnp.float32)
+
+
+_synthetic_probs_jit = jax.jit(_synthetic_probs, static_argnums=(1, 2, 3, 4))
+
+
+# ---------------------------------------------------------------------------
+# NumPy implementations of the voting rule (float32, as the kernel)
+# ---------------------------------------------------------------------------
+
+
+def _candidates(r, top_k):
+  order = np.argsort(-r, axis=-1, kind="stable")[..., :top_k]
+  return order, np.take_along_axis(r, order, axis=-1)
+
+
+def _decide(labels, pooled_cand, r_cand, cand, alpha, combine):
+  if combine == "convex":
+    score = np.float32(alpha) * r_cand + np.float32(1 - alpha) * pooled_cand
+  else:
+    score = r_cand + np.float32(alpha) * pooled_cand
+  best = np.argmax(score, axis=-1)
+  best_score = np.take_along_axis(score, best[..., None], -1)[..., 0]
+  best_class = np.take_along_axis(cand, best[..., None], -1)[..., 0]
+  assign = (labels == IGNORE) & (best_score > 1)
+  return np.where(assign, best_class, labels).astype(np.int32)
+
+
+def _shifted_pool(values, window, pooling, axes=(1, 2)):
+  """Zero-padded window pool over `axes` (H, W) via window² shifted slices."""
+  half = window // 2
+  pad = [(0, 0)] * values.ndim
+  pad[axes[0]] = pad[axes[1]] = (half, half)
+  padded = np.pad(values, pad)
+  h, w = values.shape[axes[0]], values.shape[axes[1]]
+  out = np.zeros_like(values)
+  for di in range(window):
+    for dj in range(window):
+      index = [slice(None)] * values.ndim
+      index[axes[0]] = slice(di, di + h)
+      index[axes[1]] = slice(dj, dj + w)
+      if pooling == "max":
+        np.maximum(out, padded[tuple(index)], out=out)
+      else:
+        out += padded[tuple(index)]
+  if pooling in ("mean", "count"):
+    out /= np.float32(window * window)
+  return out
+
+
+def numpy_densify_vectorized(probs, labels, thresholds, *, window, alpha,
+                             num_iters, pooling, combine, top_k):
+  """All classes and images at once; no Python loop over pixels/classes."""
+  r = probs / thresholds.astype(np.float32)
+  cand, r_cand = _candidates(r, top_k)
+  labels = labels.astype(np.int32)
+  class_ids = np.arange(r.shape[-1])
+  for _ in range(num_iters):
+    is_k = labels[..., None] == class_ids
+    votes = (is_k.astype(np.float32) if pooling == "count"
+             else np.where(is_k, r, np.float32(0)))
+    pooled = _shifted_pool(votes, window, pooling)
+    pooled_cand = np.take_along_axis(pooled, cand, axis=-1)
+    labels = _decide(labels, pooled_cand, r_cand, cand, alpha, combine)
+  return labels
+
+
+def numpy_densify_class_loop(probs, labels, thresholds, *, window, alpha,
+                             num_iters, pooling, combine, top_k):
+  """Same rule, pooling one (B, H, W) class plane at a time."""
+  r = probs / thresholds.astype(np.float32)
+  cand, r_cand = _candidates(r, top_k)
+  labels = labels.astype(np.int32)
+  for _ in range(num_iters):
+    pooled = np.empty_like(r)
+    for k in range(r.shape[-1]):
+      is_k = labels == k
+      votes = (is_k.astype(np.float32) if pooling == "count"
+               else np.where(is_k, r[..., k], np.float32(0)))
+      pooled[..., k] = _shifted_pool(votes, window, pooling)
+    pooled_cand = np.take_along_axis(pooled, cand, axis=-1)
+    labels = _decide(labels, pooled_cand, r_cand, cand, alpha, combine)
+  return labels
+
+
+# ---------------------------------------------------------------------------
+# Timing helpers
+# ---------------------------------------------------------------------------
+
+
+def _time(fn, repeats, warmup):
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def copy_bandwidth(num_bytes=256 << 20, repeats=5):
+  """Median NumPy copy bandwidth, read + write bytes per second."""
+  src = np.ones(num_bytes // 4, np.float32)
+  dst = np.empty_like(src)
+  times = _time(lambda: np.copyto(dst, src), repeats, warmup=1)
+  return 2 * src.nbytes / statistics.median(times), times
+
+
+def machine_info():
+  return {
+      "platform": platform.platform(),
+      "processor": platform.processor(),
+      "python": platform.python_version(),
+      "cpu_count": os.cpu_count(),
+      "cpus_usable": len(os.sched_getaffinity(0))
+                     if hasattr(os, "sched_getaffinity") else None,
+      "jax": jax.__version__,
+      "numpy": np.__version__,
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+# ---------------------------------------------------------------------------
+# Part 1: densification throughput
+# ---------------------------------------------------------------------------
+
+
+def bench_densify(args, copy_bw):
+  shape = (args.batch, args.height, args.width, args.classes)
+  probs_dev = _synthetic_probs_jit(jax.random.key(args.seed), *shape)
+  probs = np.asarray(probs_dev)
+  thresholds = pseudo_labels.class_thresholds(probs, args.portion)
+  labels = np.asarray(pseudo_labels.select(probs, thresholds))
+  rule = dict(window=args.window, alpha=args.alpha, num_iters=args.num_iters,
+              pooling=args.pooling, combine=args.combine, top_k=args.top_k)
+  thr_dev = jnp.asarray(thresholds)
+  labels_dev = jnp.asarray(labels)
+
+  impls = {
+      "jax_kernel": lambda: pseudo_labels.densify(
+          probs_dev, labels_dev, thr_dev, **rule),
+      "numpy_vectorized": lambda: numpy_densify_vectorized(
+          probs, labels, thresholds, **rule),
+  }
+  if not args.skip_class_loop:
+    impls["numpy_class_loop"] = lambda: numpy_densify_class_loop(
+        probs, labels, thresholds, **rule)
+
+  pixels_classes = float(np.prod(shape))
+  bytes_per_call = args.num_iters * (probs.nbytes + 2 * labels.size * 4)
+  outputs, results = {}, {}
+  for name, fn in impls.items():
+    outputs[name] = np.asarray(fn())
+    times = _time(fn, args.repeats, args.warmup)
+    med = statistics.median(times)
+    results[name] = {
+        "times_s": times,
+        "median_s": med,
+        "mpix_classes_per_s": pixels_classes / med / 1e6,
+    }
+  kernel = results["jax_kernel"]
+  kernel["effective_bytes_per_call"] = bytes_per_call
+  kernel["effective_gb_per_s"] = bytes_per_call / kernel["median_s"] / 1e9
+  kernel["fraction_of_copy_bandwidth"] = (
+      bytes_per_call / kernel["median_s"] / copy_bw)
+  reference = outputs["numpy_vectorized"]
+  agreement = {name: int(np.sum(out != reference))
+               for name, out in outputs.items()}
+  return {
+      "shape_bhwc": list(shape),
+      "rule": rule,
+      "density_before": float(np.mean(labels != IGNORE)),
+      "density_after": float(np.mean(reference != IGNORE)),
+      "mismatched_pixels_vs_numpy_vectorized": agreement,
+      "identical": all(v == 0 for v in agreement.values()),
+      "results": results,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Part 2: thresholds, exact vs streaming
+# ---------------------------------------------------------------------------
+
+
+def _batches(args):
+  """Deterministic (key, batch size) list for the thresholds pass."""
+  out = []
+  for i, start in enumerate(range(0, args.maps, args.map_batch)):
+    size = min(args.map_batch, args.maps - start)
+    out.append((jax.random.fold_in(jax.random.key(args.seed + 1), i), size))
+  return out
+
+
+def _exact_pass(args):
+  tracemalloc.start()
+  lists = [[] for _ in range(args.classes)]
+  elapsed, peak = 0.0, 0
+  try:
+    for key, size in _batches(args):
+      batch = np.array(_synthetic_probs_jit(
+          key, size, args.map_height, args.map_width, args.classes))
+      base, _ = tracemalloc.get_traced_memory()
+      tracemalloc.reset_peak()
+      start = time.perf_counter()
+      for c, vals in enumerate(pseudo_labels.class_confidences(
+          batch, subsample=args.subsample)):
+        lists[c].append(vals)
+      elapsed += time.perf_counter() - start
+      peak = max(peak, tracemalloc.get_traced_memory()[1] - batch.nbytes)
+      del batch
+    tracemalloc.reset_peak()
+    start = time.perf_counter()
+    merged = [np.concatenate(x) for x in lists]
+    thresholds = pseudo_labels.thresholds_from_confidences(
+        merged, args.portion)
+    elapsed += time.perf_counter() - start
+    peak = max(peak, tracemalloc.get_traced_memory()[1])
+    held = sum(x.nbytes for x in merged)
+  finally:
+    tracemalloc.stop()
+  return thresholds, elapsed, peak, held
+
+
+def _streaming_pass(args):
+  hist = pseudo_labels.init_threshold_histogram(args.classes, args.num_bins)
+  elapsed = 0.0
+  for key, size in _batches(args):
+    batch = jax.block_until_ready(_synthetic_probs_jit(
+        key, size, args.map_height, args.map_width, args.classes))
+    start = time.perf_counter()
+    hist = jax.block_until_ready(pseudo_labels.update_threshold_histogram(
+        hist, batch, subsample=args.subsample))
+    elapsed += time.perf_counter() - start
+  start = time.perf_counter()
+  thresholds = pseudo_labels.thresholds_from_histogram(hist, args.portion)
+  elapsed += time.perf_counter() - start
+  return thresholds, elapsed, hist
+
+
+def bench_thresholds(args):
+  # Compile the update for every batch size used, outside the timings.
+  hist = pseudo_labels.init_threshold_histogram(args.classes, args.num_bins)
+  temp_bytes = 0
+  for size in sorted({size for _, size in _batches(args)}):
+    spec = jax.ShapeDtypeStruct(
+        (size, args.map_height, args.map_width, args.classes), jnp.float32)
+    compiled = pseudo_labels.update_threshold_histogram.lower(
+        hist, spec, subsample=args.subsample).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      temp_bytes = max(temp_bytes, int(analysis.temp_size_in_bytes))
+    _synthetic_probs_jit(jax.random.key(0), size, args.map_height,
+                         args.map_width, args.classes)
+
+  exact, stream = [], []
+  for _ in range(args.threshold_repeats):
+    thr_e, t_e, peak_e, held_e = _exact_pass(args)
+    exact.append(t_e)
+    thr_h, t_h, hist = _streaming_pass(args)
+    stream.append(t_h)
+
+  edges = pseudo_labels.threshold_histogram_edges(args.classes, args.num_bins)
+  z = lambda p: np.log(p) - np.log1p(-np.minimum(p, 1 - 2.0**-24))
+  width = (z(edges[-1]) - z(edges[0])) / args.num_bins
+  gap_bins = [(z(np.float64(e)) - z(np.float64(h))) / width
+              for e, h in zip(thr_e, thr_h) if e < 1.0]
+  num_pixels = args.maps * args.map_height * args.map_width
+  return {
+      "maps": args.maps,
+      "map_hwc": [args.map_height, args.map_width, args.classes],
+      "map_batch": args.map_batch,
+      "portion": args.portion,
+      "subsample": args.subsample,
+      "num_bins": args.num_bins,
+      "exact": {
+          "times_s": exact,
+          "median_s": statistics.median(exact),
+          "mpix_per_s": num_pixels / statistics.median(exact) / 1e6,
+          "held_confidence_bytes": held_e,
+          "tracemalloc_peak_bytes": peak_e,
+      },
+      "streaming": {
+          "times_s": stream,
+          "median_s": statistics.median(stream),
+          "mpix_per_s": num_pixels / statistics.median(stream) / 1e6,
+          "histogram_bytes": int(np.asarray(hist).nbytes),
+          "xla_temp_bytes_per_update": temp_bytes,
+      },
+      "thresholds_exact": thr_e.tolist(),
+      "thresholds_streaming": thr_h.tolist(),
+      "max_abs_diff": float(np.max(np.abs(thr_e - thr_h))),
+      "max_gap_in_bins": float(max(gap_bins)) if gap_bins else 0.0,
+      "min_gap_in_bins": float(min(gap_bins)) if gap_bins else 0.0,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=1)
+  g = parser.add_argument_group("densification (part 1)")
+  g.add_argument("--batch", type=int, default=2)
+  g.add_argument("--height", type=int, default=256)
+  g.add_argument("--width", type=int, default=512)
+  g.add_argument("--classes", type=int, default=19)
+  g.add_argument("--window", type=int, default=3)
+  g.add_argument("--alpha", type=float, default=0.7)
+  g.add_argument("--num-iters", type=int, default=3)
+  g.add_argument("--pooling", default="sum",
+                 choices=["sum", "mean", "max", "count"])
+  g.add_argument("--combine", default="convex",
+                 choices=["convex", "additive"])
+  g.add_argument("--top-k", type=int, default=2)
+  g.add_argument("--portion", type=float, default=0.2)
+  g.add_argument("--skip-class-loop", action="store_true")
+  g = parser.add_argument_group("thresholds (part 2)")
+  g.add_argument("--maps", type=int, default=8,
+                 help="number of maps (paper scale: 100 or more)")
+  g.add_argument("--map-height", type=int, default=512)
+  g.add_argument("--map-width", type=int, default=1024)
+  g.add_argument("--map-batch", type=int, default=2)
+  g.add_argument("--subsample", type=int, default=4)
+  g.add_argument("--num-bins", type=int,
+                 default=pseudo_labels.DEFAULT_NUM_BINS)
+  g.add_argument("--threshold-repeats", type=int, default=3)
+  g.add_argument("--skip-thresholds", action="store_true")
+  return parser.parse_args(argv)
+
+
+def _print_report(report):
+  d = report["densify"]
+  print(f"machine: {report['machine']['processor'] or 'cpu'}, "
+        f"{report['machine']['cpus_usable']} usable cores, backend "
+        f"{report['machine']['backend']}, jax {report['machine']['jax']}")
+  print(f"copy bandwidth (read+write): {report['copy_gb_per_s']:.2f} GB/s")
+  print(f"\n(1) densify {d['shape_bhwc']} (B,H,W,C), {d['rule']}")
+  print(f"    density {d['density_before']:.3f} -> {d['density_after']:.3f};"
+        f" identical labels: {d['identical']} "
+        f"{d['mismatched_pixels_vs_numpy_vectorized']}")
+  print(f"    {'implementation':<18}{'median ms':>11}{'MPix*C/s':>12}")
+  for name, res in d["results"].items():
+    print(f"    {name:<18}{res['median_s'] * 1e3:>11.2f}"
+          f"{res['mpix_classes_per_s']:>12.1f}")
+  k = d["results"]["jax_kernel"]
+  print(f"    kernel effective {k['effective_gb_per_s']:.2f} GB/s = "
+        f"{100 * k['fraction_of_copy_bandwidth']:.1f}% of copy bandwidth")
+  if "thresholds" not in report:
+    return
+  t = report["thresholds"]
+  print(f"\n(2) thresholds, {t['maps']} maps of {t['map_hwc']} (H,W,C), "
+        f"subsample {t['subsample']}, portion {t['portion']}")
+  print(f"    {'form':<10}{'median s':>10}{'MPix/s':>9}{'memory':>34}")
+  e, s = t["exact"], t["streaming"]
+  memory_e = "lists %.1f MB, peak %.1f MB" % (
+      e["held_confidence_bytes"] / 1e6, e["tracemalloc_peak_bytes"] / 1e6)
+  memory_s = "hist %.3f MB, temp %.1f MB" % (
+      s["histogram_bytes"] / 1e6, s["xla_temp_bytes_per_update"] / 1e6)
+  print(f"    {'exact':<10}{e['median_s']:>10.3f}{e['mpix_per_s']:>9.1f}"
+        f"{memory_e:>34}")
+  print(f"    {'streaming':<10}{s['median_s']:>10.3f}{s['mpix_per_s']:>9.1f}"
+        f"{memory_s:>34}")
+  print(f"    max |λ_exact - λ_hist| = {t['max_abs_diff']:.2e}; gap in bins "
+        f"[{t['min_gap_in_bins']:.3f}, {t['max_gap_in_bins']:.3f}]")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  copy_bw, copy_times = copy_bandwidth(repeats=args.repeats)
+  report = {
+      "machine": machine_info(),
+      "args": vars(args),
+      "copy_gb_per_s": copy_bw / 1e9,
+      "copy_times_s": copy_times,
+      "densify": bench_densify(args, copy_bw),
+  }
+  if not args.skip_thresholds:
+    report["thresholds"] = bench_thresholds(args)
+  path = os.path.join(args.out, "densify_bench.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  _print_report(report)
+  print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+  main()
