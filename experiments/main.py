@@ -52,6 +52,11 @@ def run(default_config: str, train_fn_name: str = "train_and_evaluate",
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import importlib  # pylint: disable=g-import-not-at-top
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    # Orbax and JAX log a lot at INFO; users see jaxda's own progress and
+    # summary on stdout. `--verbosity=0` (or -v 0) brings INFO back.
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
     config = flags.FLAGS.config
     workdir = _WORKDIR.value or os.path.join(
         "runs", f"{config.method}_seed{config.seed}")

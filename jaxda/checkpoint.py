@@ -145,7 +145,7 @@ def load_weights(path: str) -> dict[str, Any]:
     errors = []
     for step in sorted(manager.all_steps())[::-1]:
       try:
-        raw = manager.restore(step)
+        raw = manager.restore(step, args=ocp.args.StandardRestore())
       except Exception as e:  # pylint: disable=broad-except
         errors.append(f"step {step}: {type(e).__name__}: {e}")
         continue

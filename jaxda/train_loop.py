@@ -197,7 +197,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
 
 def disc_levels(run: Run) -> tuple[str, ...]:
-  return base.output_levels(run.config) if run.models.discriminator else ()
+  """Output levels that get a discriminator (TPLD phase 2: main only)."""
+  if run.models.discriminator is None:
+    return ()
+  if run.method.target_labels == "pseudo":
+    return ("main",)
+  return base.output_levels(run.config)
 
 
 def create_state(run: Run) -> state_lib.TrainState:

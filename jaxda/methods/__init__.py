@@ -3,6 +3,7 @@
 from jaxda.methods import adaptsegnet
 from jaxda.methods import advent
 from jaxda.methods import base
+from jaxda.methods import self_training
 from jaxda.methods import source_only
 
 METHODS = {
@@ -12,6 +13,9 @@ METHODS = {
         adaptsegnet.ADAPTSEGNET,
         advent.ADVENT,
         advent.MINENT,
+        self_training.CBST,
+        self_training.CRST,
+        self_training.TPLD,
     )
 }
 

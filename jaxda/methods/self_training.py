@@ -1,0 +1,197 @@
+"""Self-training steps: CBST, CRST (MRKLD) and TPLD phases 1 and 2.
+
+The pseudo labels are computed between rounds by ``jaxda.self_training``
+(the round driver) and arrive in the target batch:
+
+  ``batch['target']['pl_label']``   (B, H, W) uint8 class ids, 255 = none
+  ``batch['target']['pl_weight']``  (B, H, W) float32 per-pixel weight
+  ``batch['target']['thresholds']`` (B, C) λ of the round (same every row)
+  ``batch['target']['is_easy']``    (B,) bool, phase 2 only
+
+Phase 1 (CBST / CRST / TPLD-1): source CE + target term on the pseudo labels
+(plain CE for CBST, the TPLD bootstrapped term otherwise) + the MRKLD
+regulariser on pseudo-labelled pixels (METHODS.md §6.2, §7.1, §7.2).
+
+Phase 2 (TPLD-2, §7.3): easy images train on their full pseudo labels with
+the bootstrapped term (per-pixel weights (p/λ)^γ below the threshold); hard
+images are pushed towards easy ones by an entropy-map discriminator:
+D learns easy = 1, hard = 0, the segmenter pushes hard maps towards 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxda import losses
+from jaxda.methods import base
+
+
+def _target_term(logits, labels, thresholds, weights, *, kind, beta,
+                 stop_gradient_prediction):
+  """Target loss on pseudo labels for one output level."""
+  if kind == "ce":
+    return losses.softmax_cross_entropy(logits=logits, labels=labels,
+                                        weights=weights)
+  if kind == "bootstrap":
+    return losses.tpld_bootstrap_loss(
+        logits=logits, labels=labels, thresholds=thresholds, beta=beta,
+        stop_gradient_prediction=stop_gradient_prediction, weights=weights)
+  raise ValueError(f"unknown target loss {kind!r}; use 'ce' or 'bootstrap'")
+
+
+def _per_example_bce(d_out: jax.Array, target: float) -> jax.Array:
+  """(B, h, w, 1) D logits -> (B,) mean BCE per example."""
+  return jax.vmap(lambda d: losses.bce_with_logits(d, target))(d_out)
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
+  """CBST/CRST/TPLD phase-1 step (no discriminator update)."""
+  del disc_tx
+  st = config.self_training
+  bn_mode = config.model.bn_mode
+  align = config.model.upsample_align_corners
+  lambda_aux = config.loss.lambda_seg_aux
+
+  def step(state, batch, rng):
+    del rng
+    src, tgt = batch["source"], batch["target"]
+    labels = tgt["pl_label"].astype(jnp.int32)
+    thresholds = tgt["thresholds"][0]
+    labelled = labels != 255
+
+    def loss_fn(params):
+      metrics = {}
+      stats = state.batch_stats
+      total = 0.0
+      if st.source_weight:
+        out_s, stats = base.forward(models, params, stats, src["image"],
+                                    bn_mode=bn_mode, labelled=True)
+        logits_s = base.upsample_outputs(out_s, src["image"].shape[1:3],
+                                         align_corners=align)
+        seg, metrics = base.segmentation_loss(logits_s, src["label"],
+                                              lambda_aux=lambda_aux)
+        metrics["seg_loss"] = seg
+        total = st.source_weight * seg
+      out_t, stats = base.forward(models, params, stats, tgt["image"],
+                                  bn_mode=bn_mode, labelled=False)
+      logits_t = base.upsample_outputs(out_t, tgt["image"].shape[1:3],
+                                       align_corners=align)
+      for level, logit in logits_t.items():
+        w = 1.0 if level == "main" else lambda_aux
+        term = _target_term(
+            logit, labels, thresholds, tgt["pl_weight"], kind=st.target_loss,
+            beta=st.beta,
+            stop_gradient_prediction=st.stop_gradient_prediction)
+        metrics[f"target_{level}"] = term
+        total = total + st.target_weight * w * term
+        if st.mrkld_weight:
+          reg = losses.mrkld_loss(logits=logit, mask=labelled)
+          metrics[f"mrkld_{level}"] = reg
+          total = total + st.mrkld_weight * w * reg
+      metrics["pl_density"] = jnp.mean(labelled.astype(jnp.float32))
+      return total, (stats, metrics)
+
+    (loss, (stats, metrics)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    params, opt_state = base.apply_updates(tx, grads, state.opt_state,
+                                           state.params)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=stats, opt_state=opt_state)
+    return new_state, dict(metrics, loss=loss,
+                           grad_norm=base.global_norm(grads))
+
+  return step
+
+
+def make_phase2_step(models: base.Models, config, tx, disc_tx):
+  """TPLD phase-2 step: easy full labels + hard→easy adversarial."""
+  st = config.self_training
+  bn_mode = config.model.bn_mode
+  align = config.model.upsample_align_corners
+  lambda_aux = config.loss.lambda_seg_aux
+  disc = models.discriminator
+
+  def step(state, batch, rng):
+    del rng
+    src, tgt = batch["source"], batch["target"]
+    labels = tgt["pl_label"].astype(jnp.int32)
+    thresholds = tgt["thresholds"][0]
+    easy = tgt["is_easy"]
+    hard = jnp.logical_not(easy)
+    # Hard images carry no labels into the self-training term.
+    weights = tgt["pl_weight"] * easy[:, None, None].astype(jnp.float32)
+    labels = jnp.where(easy[:, None, None], labels, 255)
+
+    def loss_fn(params):
+      metrics = {}
+      stats = state.batch_stats
+      total = 0.0
+      if st.phase2_source_weight:
+        out_s, stats = base.forward(models, params, stats, src["image"],
+                                    bn_mode=bn_mode, labelled=True)
+        logits_s = base.upsample_outputs(out_s, src["image"].shape[1:3],
+                                         align_corners=align)
+        seg, metrics = base.segmentation_loss(logits_s, src["label"],
+                                              lambda_aux=lambda_aux)
+        metrics["seg_loss"] = seg
+        total = st.phase2_source_weight * seg
+      out_t, stats = base.forward(models, params, stats, tgt["image"],
+                                  bn_mode=bn_mode, labelled=False)
+      logits_t = base.upsample_outputs(out_t, tgt["image"].shape[1:3],
+                                       align_corners=align)
+      for level, logit in logits_t.items():
+        w = 1.0 if level == "main" else lambda_aux
+        term = _target_term(
+            logit, labels, thresholds, weights, kind="bootstrap",
+            beta=st.beta,
+            stop_gradient_prediction=st.stop_gradient_prediction)
+        metrics[f"easy_{level}"] = term
+        total = total + st.target_weight * w * term
+      ent = losses.weighted_self_information(
+          jax.nn.softmax(logits_t["main"], axis=-1))
+      d_out = disc.apply({"params": state.disc_params["main"]}, ent)
+      adv = _masked_mean(_per_example_bce(d_out, 1.0), hard)
+      metrics["adv_hard"] = adv
+      total = total + st.lambda_adv * adv
+      return total, (stats, metrics, ent)
+
+    (loss, (stats, metrics, ent)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    ent = jax.lax.stop_gradient(ent)
+
+    def disc_loss(disc_params):
+      d_out = disc.apply({"params": disc_params["main"]}, ent)
+      l_easy = _masked_mean(_per_example_bce(d_out, 1.0), easy)
+      l_hard = _masked_mean(_per_example_bce(d_out, 0.0), hard)
+      return l_easy + l_hard, {"disc_easy": l_easy, "disc_hard": l_hard}
+
+    (_, d_metrics), d_grads = jax.value_and_grad(
+        disc_loss, has_aux=True)(state.disc_params)
+    params, opt_state = base.apply_updates(tx, grads, state.opt_state,
+                                           state.params)
+    disc_params, disc_opt_state = base.apply_updates(
+        disc_tx, d_grads, state.disc_opt_state, state.disc_params)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=stats,
+        opt_state=opt_state, disc_params=disc_params,
+        disc_opt_state=disc_opt_state)
+    metrics = dict(metrics, **d_metrics, loss=loss,
+                   easy_fraction=jnp.mean(easy.astype(jnp.float32)),
+                   grad_norm=base.global_norm(grads))
+    return new_state, metrics
+
+  return step
+
+
+CBST = base.Method(name="cbst", make_step=make_phase1_step,
+                   target_labels="pseudo")
+CRST = base.Method(name="crst", make_step=make_phase1_step,
+                   target_labels="pseudo")
+TPLD = base.Method(name="tpld", make_step=make_phase1_step,
+                   target_labels="pseudo", discriminator_inputs="entropy")

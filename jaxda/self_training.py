@@ -1,0 +1,332 @@
+"""Round driver of CBST / CRST / TPLD self-training.
+
+A run is ``phase1_rounds + phase2_rounds`` rounds of ``num_steps / rounds``
+steps each, on one global step counter (so checkpoints and resume work as in
+every other run). Each round:
+
+1. **Pseudo-labelling pass** over the target train set with the model as it
+   is at the round start: pass A accumulates the streaming per-class
+   confidence histogram on device and turns it into the class thresholds λ_k
+   for the round's portion (CBST schedule ``min(init + r*step, max)``); pass B
+   selects CBST labels (argmax p/λ where max p/λ >= 1) and, in phase 1,
+   densifies them with TPLD voting; in phase 2 it scores images
+   (``image_confidence``), splits easy/hard and gives easy images full labels
+   weighted by (p/λ)^γ below the threshold.
+   The labels are written to ``pseudo_labels/round_<r>.npz`` before any step
+   of the round, so a resumed round trains on exactly the same labels.
+2. **Training** with the phase's step (``jaxda.methods.self_training``).
+3. **Evaluation** on the target val split and a diagnostics record: λ_k,
+   density before/after voting, pseudo-label precision against ground truth
+   (when the target train split has labels; they are read for this report
+   only and never reach a batch), easy/hard counts, target mIoU.
+
+With no ``model.init_checkpoint`` the driver first trains (or reuses) a
+source-only base model in ``workdir/base_source_only``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxda import parallel
+from jaxda import pseudo_labels as pl
+from jaxda import train_loop
+from jaxda import visualize
+from jaxda.data import pipeline
+from jaxda.methods import self_training as steps
+
+IGNORE = 255
+
+
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(config.to_dict())
+
+
+def rounds_and_steps(config) -> tuple[int, int, int]:
+  """``(phase1_rounds, phase2_rounds, steps_per_round)``, validated."""
+  st = config.self_training
+  r1, r2 = int(st.phase1_rounds), int(st.phase2_rounds)
+  if r1 < 0 or r2 < 0 or r1 + r2 == 0:
+    raise train_loop.ConfigError(
+        "self_training.phase1_rounds + phase2_rounds must be >= 1")
+  if r2 and config.method != "tpld":
+    raise train_loop.ConfigError(
+        f"phase-2 rounds need method 'tpld' (got {config.method!r}); set"
+        " --config.self_training.phase2_rounds=0")
+  if config.num_steps % (r1 + r2):
+    raise train_loop.ConfigError(
+        f"num_steps={config.num_steps} must be divisible by the {r1 + r2}"
+        " rounds (num_steps is split evenly over rounds)")
+  return r1, r2, config.num_steps // (r1 + r2)
+
+
+def ensure_base_model(config, workdir: str, log) -> str:
+  """Returns the init checkpoint path, training a source-only base if needed."""
+  if config.model.init_checkpoint:
+    return config.model.init_checkpoint
+  st = config.self_training
+  base_dir = os.path.join(workdir, "base_source_only")
+  if os.path.exists(os.path.join(base_dir, "summary.json")):
+    log(f"Base model: reusing {base_dir}")
+    return base_dir
+  base = _copy(config)
+  base.method = "source_only"
+  base.num_steps = st.base_steps
+  base.optim.learning_rate = st.base_learning_rate
+  base.optim.power = 0.9
+  base.optim.schedule_steps = -1
+  log(f"Base model: no model.init_checkpoint given, training source-only for"
+      f" {st.base_steps} steps in {base_dir}")
+  train_loop.train_and_evaluate(base, base_dir)
+  return base_dir
+
+
+# --------------------------------------------------------------------------
+# Pseudo-labelling pass
+# --------------------------------------------------------------------------
+
+
+def _probs_batches(run, state, images, predict_jit):
+  """Yields (probs on device (B,H,W,C), mask (B,) host) over ``images``."""
+  for batch in pipeline.eval_batches(
+      images, None, batch_size=train_loop._eval_batch_size(run),  # pylint: disable=protected-access
+      mode=run.config.data.normalization):
+    probs = predict_jit(state, parallel.shard_batch(
+        {"image": batch["image"]}, run.mesh)["image"])
+    yield probs, batch["mask"]
+
+
+def make_pseudo_labels(run, state, round_index: int, phase: int,
+                       ground_truth: np.ndarray | None) -> dict[str, Any]:
+  """Runs the two-pass labelling of one round.
+
+  Returns:
+    dict with ``pl_label`` (N, H, W) uint8, ``pl_weight`` (N, H, W) float32,
+    ``is_easy`` (N,) bool, ``thresholds`` (C,) float32, ``before`` (N, H, W)
+    uint8 CBST labels, and ``diagnostics`` (JSON-able).
+  """
+  st = run.config.self_training
+  images = run.data["target_train"].images
+  c = run.num_classes
+  predict_jit = train_loop.make_predict_jit(run)
+  portion = pl.target_portion(round_index, st.portion_init, st.portion_step,
+                              st.portion_max)
+
+  # Pass A: streaming thresholds, O(C x bins) memory on device.
+  hist = pl.init_threshold_histogram(c, st.num_bins)
+  for probs, mask in _probs_batches(run, state, images, predict_jit):
+    valid = jnp.broadcast_to(jnp.asarray(mask)[:, None, None],
+                             probs.shape[:3])
+    hist = pl.update_threshold_histogram(hist, probs, subsample=st.subsample,
+                                         valid=valid)
+  thresholds = np.asarray(pl.thresholds_from_histogram(
+      jax.device_get(hist), portion), np.float32)
+
+  # Pass B: labels, densification, image confidence.
+  lam = jnp.asarray(thresholds)
+  before, after, conf, full, full_w = [], [], [], [], []
+  for probs, mask in _probs_batches(run, state, images, predict_jit):
+    cbst = pl.select(probs, lam)
+    dense = cbst
+    if st.voting and phase == 1:
+      dense = pl.densify(probs, cbst, lam, window=st.window, alpha=st.alpha,
+                         num_iters=st.num_iters, pooling=st.pooling,
+                         combine=st.combine, top_k=st.top_k)
+    keep = np.asarray(mask)
+    before.append(np.asarray(cbst)[keep])
+    after.append(np.asarray(dense)[keep])
+    if phase == 2:
+      conf.append(np.asarray(pl.image_confidence(probs, lam))[keep])
+      labels, weights = pl.easy_image_labels(probs, lam, gamma=st.gamma)
+      full.append(np.asarray(labels)[keep])
+      full_w.append(np.asarray(weights)[keep])
+  before = np.concatenate(before).astype(np.uint8)
+  after = np.concatenate(after).astype(np.uint8)
+  n = len(before)
+  diag: dict[str, Any] = {
+      "round": round_index, "phase": phase, "portion": float(portion),
+      "thresholds": {name: float(v) for name, v in
+                     zip(run.class_names, thresholds)},
+      "density_cbst": float(pl.label_density(before)),
+  }
+  if phase == 1:
+    labels, weights = after, np.ones(after.shape, np.float32)
+    weights[after == IGNORE] = 0.0
+    is_easy = np.ones((n,), bool)
+    diag["density_voted"] = float(pl.label_density(after))
+    if ground_truth is not None:
+      diag["precision_cbst"] = float(pl.label_precision(before, ground_truth))
+      diag["precision_voted"] = float(pl.label_precision(after, ground_truth))
+  else:
+    conf = np.concatenate(conf)
+    is_easy = np.asarray(pl.easy_hard_split(jnp.asarray(conf),
+                                            st.easy_fraction))
+    full = np.concatenate(full).astype(np.uint8)
+    full_w = np.concatenate(full_w).astype(np.float32)
+    labels = np.where(is_easy[:, None, None], full, IGNORE).astype(np.uint8)
+    weights = np.where(is_easy[:, None, None], full_w, 0.0).astype(np.float32)
+    after = labels
+    diag.update(num_easy=int(is_easy.sum()), num_hard=int((~is_easy).sum()),
+                confidence_easy_min=float(conf[is_easy].min()) if
+                is_easy.any() else None)
+    if ground_truth is not None:
+      diag["precision_cbst"] = float(pl.label_precision(before, ground_truth))
+      diag["precision_easy_full"] = float(pl.label_precision(
+          full[is_easy], ground_truth[is_easy])) if is_easy.any() else None
+      diag["precision_hard_cbst"] = float(pl.label_precision(
+          before[~is_easy], ground_truth[~is_easy])) if (~is_easy).any() \
+          else None
+  return {"pl_label": labels, "pl_weight": weights, "is_easy": is_easy,
+          "thresholds": thresholds, "before": before, "after": after,
+          "diagnostics": diag}
+
+
+def _labels_path(run, r: int) -> str:
+  return run.path("pseudo_labels", f"round_{r}.npz")
+
+
+def save_pseudo_labels(run, r: int, data: dict[str, Any]) -> None:
+  """Atomic write (tmp + rename) on the main process."""
+  if not run.is_main:
+    return
+  os.makedirs(run.path("pseudo_labels"), exist_ok=True)
+  tmp = _labels_path(run, r) + ".tmp.npz"
+  np.savez_compressed(
+      tmp, **{k: v for k, v in data.items() if k != "diagnostics"},
+      diagnostics=np.asarray(json.dumps(data["diagnostics"])))
+  os.replace(tmp, _labels_path(run, r))
+
+
+def load_pseudo_labels(run, r: int) -> dict[str, Any] | None:
+  path = _labels_path(run, r)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    data = {k: f[k] for k in f.files}
+  data["diagnostics"] = json.loads(str(data["diagnostics"]))
+  return data
+
+
+# --------------------------------------------------------------------------
+# Rounds
+# --------------------------------------------------------------------------
+
+
+def _format_round(diag: dict[str, Any]) -> str:
+  def pct(key):
+    v = diag.get(key)
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+  line = (f"round {diag['round']} (phase {diag['phase']}, portion"
+          f" {diag['portion']:.2f}): ")
+  if diag["phase"] == 1:
+    line += (f"density {pct('density_cbst')} -> {pct('density_voted')} after"
+             f" voting, precision {pct('precision_cbst')} ->"
+             f" {pct('precision_voted')}")
+  else:
+    line += (f"easy/hard {diag['num_easy']}/{diag['num_hard']}, CBST"
+             f" density {pct('density_cbst')}, precision easy full labels"
+             f" {pct('precision_easy_full')}")
+  if "target_miou" in diag:
+    line += f"; target mIoU {pct('target_miou')}"
+  return line
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Runs the whole self-training pipeline (resumable); returns the summary."""
+  config = _copy(config)
+  r1, r2, steps_per_round = rounds_and_steps(config)
+  os.makedirs(workdir, exist_ok=True)
+  config.model.init_checkpoint = ensure_base_model(
+      config, workdir, lambda m: print(m, flush=True))
+  run = train_loop.setup(config, workdir)
+  try:
+    train_loop.write_config(run)
+    run.writer.write_hparams(config.to_dict())
+    st = config.self_training
+    gt = None
+    if st.report_precision:
+      # Diagnostics only: never batched, never seen by a step.
+      gt = pipeline.load_domain(
+          config.target.name, role="target",
+          data_dir=config.target.data_dir or None, split="train",
+          height=config.data.height, width=config.data.width,
+          num_images=config.data.num_train_images, seed=config.data.seed,
+          require_labels=False).labels
+    state, start = train_loop.init_or_restore(run)
+    records_path = run.path("rounds.json")
+    records = []
+    if os.path.exists(records_path):
+      with open(records_path) as f:
+        records = json.load(f)
+    base_eval = None
+    if start == 0:
+      base_eval = train_loop.evaluate_target(run, state, 0)
+      run.log(f"base model: target mIoU {100 * base_eval['miou']:.2f}%")
+    run.log(f"{config.method}: {r1} phase-1 + {r2} phase-2 rounds x"
+            f" {steps_per_round} steps, batch {config.batch_size}")
+    compiled = {}
+    for r in range(start // steps_per_round, r1 + r2):
+      phase = 1 if r < r1 else 2
+      data = load_pseudo_labels(run, r)
+      if data is None:
+        data = make_pseudo_labels(run, state, r, phase, gt)
+        save_pseudo_labels(run, r, data)
+        if run.is_main and st.num_pictures:
+          k = min(st.num_pictures, len(data["before"]))
+          visualize.save_pseudo_label_grid(
+              run.path("pictures", f"pseudo_labels_round{r}.png"),
+              run.data["target_train"].images[:k], data["before"][:k],
+              data["after"][:k], None if gt is None else gt[:k],
+              visualize.default_palette(run.num_classes), run.class_names,
+              title=f"round {r} (phase {phase}): CBST labels | "
+              + ("after voting" if phase == 1 else "easy full labels"))
+      diag = data["diagnostics"]
+      run.writer.write_scalars(r * steps_per_round, {
+          f"pseudo/{k}": v for k, v in diag.items()
+          if isinstance(v, (int, float)) and v is not None})
+      if phase not in compiled:
+        make = steps.make_phase1_step if phase == 1 else \
+            steps.make_phase2_step
+        compiled[phase] = train_loop.compile_step(
+            run, make(run.models, config, run.tx, run.disc_tx))
+      n = len(data["pl_label"])
+      extras = {
+          "pl_label": data["pl_label"], "pl_weight": data["pl_weight"],
+          "is_easy": data["is_easy"],
+          "thresholds": np.broadcast_to(data["thresholds"],
+                                        (n, run.num_classes)).copy(),
+      }
+      begin = max(start, r * steps_per_round)
+      end = (r + 1) * steps_per_round
+      state = train_loop.run_steps(
+          run, state, compiled[phase],
+          train_loop.paired_batches(run, begin, target_extras=extras),
+          begin, end, desc=f"round {r} (phase {phase})")
+      result = train_loop.evaluate_target(run, state, end)
+      diag = dict(diag, target_miou=result["miou"], step=end)
+      records = [d for d in records if d["round"] != r] + [diag]
+      if run.is_main:
+        with open(records_path + ".tmp", "w") as f:
+          json.dump(records, f, indent=2)
+        os.replace(records_path + ".tmp", records_path)
+      run.log(_format_round(diag))
+    result = train_loop.evaluate_target(run, state, config.num_steps)
+    extra = {"rounds": sorted(records, key=lambda d: d["round"]),
+             "base_checkpoint": config.model.init_checkpoint}
+    if base_eval is not None:
+      extra["base_target_miou"] = base_eval["miou"]
+    if run.is_main and records:
+      run.log("\nper-round summary:")
+      for d in extra["rounds"]:
+        run.log("  " + _format_round(d))
+    return train_loop.finish(run, state, result, extra=extra)
+  finally:
+    train_loop.close(run)

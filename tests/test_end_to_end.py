@@ -1,0 +1,125 @@
+"""Every entry point end to end on the tiny config; resume; user errors.
+
+These run the real CLI (``python -m experiments.<name>``) in a subprocess,
+exactly as a user would, on the embedded benchmark at tiny size.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, *args, cache_dir, check=True):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
+  cmd = [sys.executable, "-m", f"experiments.{module}",
+         f"--config.source.data_dir={cache_dir}",
+         f"--config.target.data_dir={cache_dir}", *args]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}")
+  return proc
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def _check_summary(workdir, method, steps):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["method"] == method
+  assert summary["steps"] == steps
+  assert isinstance(summary["seed"], int)
+  assert summary["wall_time_s"] > 0
+  target = summary["target"]
+  assert 0.0 <= target["miou"] <= 1.0
+  assert 0.0 <= target["pixel_accuracy"] <= 1.0
+  assert len(target["per_class_iou"]) >= 8
+  assert summary["config"]["method"] == method
+  for path in summary["files"]["pictures"].values():
+    assert os.path.getsize(path) > 1000
+  return summary
+
+
+@pytest.mark.parametrize("module,method", [
+    ("source_only", "source_only"), ("oracle", "oracle"),
+    ("adaptsegnet", "adaptsegnet"), ("advent", "advent")])
+def test_entry_point_runs_and_resumes(tmp_path, cache_dir, module, method):
+  workdir = str(tmp_path / "run")
+  config = f"--config=experiments/configs/{module}.py:tiny"
+  proc = _run(module, config, f"--workdir={workdir}", cache_dir=cache_dir)
+  assert "target mIoU" in proc.stdout
+  _check_summary(workdir, method, 4)
+  steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  assert "4" in steps
+  # Rerun with more steps: resumes from step 4 instead of starting over.
+  proc = _run(module, config, f"--workdir={workdir}", "--config.num_steps=6",
+              cache_dir=cache_dir)
+  assert "Resuming from checkpoint step 4" in proc.stdout
+  _check_summary(workdir, method, 6)
+  lines = [json.loads(l) for l in open(os.path.join(workdir,
+                                                    "metrics.jsonl"))]
+  logged = sorted({l["step"] for l in lines if "train/loss" in l})
+  assert logged == [2, 4, 6]
+
+
+def test_tpld_pipeline_tiny(tmp_path, cache_dir):
+  workdir = str(tmp_path / "tpld")
+  proc = _run("tpld", "--config=experiments/configs/tpld.py:tiny",
+              f"--workdir={workdir}", cache_dir=cache_dir)
+  out = proc.stdout
+  assert "round 0 (phase 1" in out and "round 1 (phase 2" in out
+  assert "density" in out and "precision" in out and "target mIoU" in out
+  summary = _check_summary(workdir, "tpld", 4)
+  rounds = summary["rounds"]
+  assert [r["phase"] for r in rounds] == [1, 2]
+  assert rounds[1]["num_easy"] + rounds[1]["num_hard"] == 16
+  assert os.path.exists(os.path.join(workdir, "base_source_only",
+                                     "summary.json"))
+  for r in (0, 1):
+    assert os.path.exists(os.path.join(workdir, "pseudo_labels",
+                                       f"round_{r}.npz"))
+    assert os.path.exists(os.path.join(workdir, "pictures",
+                                       f"pseudo_labels_round{r}.png"))
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path, cache_dir):
+  proc = _run("source_only", "--config=experiments/configs/source_only.py:tiny",
+              f"--workdir={tmp_path}", "--config.optim.learnin_rate=0.1",
+              cache_dir=cache_dir, check=False)
+  assert proc.returncode != 0
+  assert "learnin_rate" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_dir_is_one_line_error(tmp_path, cache_dir):
+  proc = _run("source_only", "--config=experiments/configs/source_only.py:tiny",
+              f"--workdir={tmp_path / 'w'}", "--config.source.name=folder",
+              f"--config.source.data_dir={tmp_path / 'nope'}",
+              cache_dir=cache_dir, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("error:")
+  assert "nope" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
+  workdir = tmp_path / "nan"
+  config = "--config=experiments/configs/source_only.py:tiny"
+  _run("source_only", config, f"--workdir={workdir}", cache_dir=cache_dir)
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  proc = _run("source_only", config, f"--workdir={workdir}",
+              "--config.num_steps=8", "--config.optim.learning_rate=1e30",
+              cache_dir=cache_dir, check=False)
+  assert proc.returncode == 2
+  assert "NaN/Inf" in proc.stderr and "Traceback" not in proc.stderr
+  after = sorted(os.listdir(workdir / "checkpoints"))
+  assert after == before  # nothing bad was written, nothing good was lost
