@@ -72,4 +72,27 @@ def run(default_config: str, train_fn_name: str = "train_and_evaluate",
             " checkpoint", file=sys.stderr)
       sys.exit(130)
 
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """Parses flags; a bad ``--config.*`` override is a one-line error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if "Traceback" in message:  # An exception inside the config file.
+      lines = [l for l in message.splitlines() if l.strip()]
+      cause = [l.strip() for l in lines if "Error:" in l][-1:]
+      message = " ".join([lines[0]] + cause)
+    print(f"error: {message}\nPass --helpfull to see the flags.",
+          file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown key as AttributeError("'key'\nDid you
+    # mean ...") and a wrong type as TypeError/ValueError.
+    message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+    message = message.replace("\\'", "'")
+    print(f"error: bad config override: {message}. Valid keys are listed by"
+          " the config file (experiments/configs/*.py).", file=sys.stderr)
+    sys.exit(2)

@@ -17,9 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(module, *args, cache_dir, check=True):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
-  cmd = [sys.executable, "-m", f"experiments.{module}",
+  # --config must come before its overrides.
+  config = [a for a in args if a.startswith("--config=")]
+  rest = [a for a in args if not a.startswith("--config=")]
+  cmd = [sys.executable, "-m", f"experiments.{module}", *config,
          f"--config.source.data_dir={cache_dir}",
-         f"--config.target.data_dir={cache_dir}", *args]
+         f"--config.target.data_dir={cache_dir}", *rest]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)
   if check and proc.returncode != 0:
