@@ -103,8 +103,8 @@ def build(config, num_classes: int, init_size: int, seed: int):
   segmenter = models_lib.create_segmenter(
       config.model.name, num_classes, multi_level=config.model.multi_level,
       aspp_branches_used=config.model.aspp_branches_used)
-  schedule_steps = (config.num_steps if config.optim.schedule_steps in (-1, None)
-                    else config.optim.schedule_steps)
+  sched = config.optim.schedule_steps
+  schedule_steps = config.num_steps if sched in (-1, None) else sched
   disc = disc_tx = None
   levels = ()
   if method.discriminator_inputs != "none":
@@ -172,6 +172,10 @@ def random_batch(method, batch_size: int, height: int, width: int,
 # ---------------------------------------------------------------------------
 
 
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
 def _size(tree) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
@@ -220,6 +224,12 @@ def memory_stats(compiled) -> dict:
           if name.endswith("_in_bytes")}
 
 
+def xla_total_bytes(mem: dict) -> int:
+  """Buffers live during the call: arguments + outputs - donated + temps."""
+  return (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"]
+          - mem["alias_size_in_bytes"] + mem["temp_size_in_bytes"])
+
+
 def cost_stats(compiled) -> dict:
   """FLOPs, transcendentals and bytes accessed of ``cost_analysis()``."""
   cost = compiled.cost_analysis()
@@ -252,12 +262,18 @@ def machine_info() -> dict:
   }
 
 
-def bench(args) -> dict:
-  """Builds the step, compiles it, runs it; returns the report dict."""
+def bench(args, save=lambda report: None) -> dict:
+  """Builds the step, compiles it, runs it; returns the report dict.
+
+  ``save(report)`` is called after every phase and every repeat, so a run
+  stopped early (a paper-size step takes minutes on a laptop CPU) still
+  leaves its compile time, memory and FLOPs on disk.
+  """
   config = paper_config(args.method, args.variant, args.height, args.width)
   parallel.check_batch_size(args.batch_size, parallel.make_mesh(1))
   report = {"machine": machine_info(), "args": vars(args),
-            "config": config.to_dict(), "rss_peak_bytes": {}}
+            "config": config.to_dict(), "complete": False,
+            "rss_peak_bytes": {}}
 
   t0 = time.perf_counter()
   state, step_jit, labels_fn, method, mesh = build(
@@ -266,6 +282,7 @@ def bench(args) -> dict:
   report["init_s"] = time.perf_counter() - t0
   report["params"] = parameter_counts(state, labels_fn)
   report["rss_peak_bytes"]["after_init"] = _peak_rss_bytes()
+  _log(f"state built in {report['init_s']:.1f} s; compiling")
 
   batch = parallel.shard_batch(
       random_batch(method, args.batch_size, args.height, args.width,
@@ -283,7 +300,13 @@ def bench(args) -> dict:
                        "compile_s": t3 - t2, "total_s": t3 - t0}
   report["rss_peak_bytes"]["after_compile"] = _peak_rss_bytes()
   report["memory_analysis"] = memory_stats(compiled)
+  if report["memory_analysis"]:
+    report["memory_analysis"]["total_live_bytes"] = xla_total_bytes(
+        report["memory_analysis"])
   report["cost_analysis"] = cost_stats(compiled)
+  report["step"] = {"warmup_s": None, "times_s": []}
+  save(report)
+  _log(f"compiled in {t3 - t0:.1f} s; running 1 + {args.repeats} steps")
 
   def run_once():
     nonlocal state
@@ -292,14 +315,19 @@ def bench(args) -> dict:
     jax.block_until_ready((state, metrics))
     return time.perf_counter() - start, metrics
 
-  warmup_s, _ = run_once()
-  times, metrics = [], None
-  for _ in range(args.repeats):
+  warmup_s, metrics = run_once()
+  report["step"]["warmup_s"] = warmup_s
+  report["rss_peak_bytes"]["after_warmup"] = _peak_rss_bytes()
+  save(report)
+  _log(f"warm-up step {warmup_s:.2f} s")
+  times = report["step"]["times_s"]
+  for i in range(args.repeats):
     t, metrics = run_once()
     times.append(t)
-  median = statistics.median(times)
-  report["step"] = {"warmup_s": warmup_s, "times_s": times,
-                    "median_s": median, "min_s": min(times)}
+    save(report)
+    _log(f"repeat {i + 1}/{args.repeats}: {t:.2f} s")
+  median = statistics.median(times) if times else warmup_s
+  report["step"].update(median_s=median, min_s=min(times or [warmup_s]))
   flops = report["cost_analysis"].get("flops")
   if flops:
     report["step"]["achieved_gflops_per_s"] = flops / median / 1e9
@@ -309,6 +337,7 @@ def bench(args) -> dict:
   report["metrics_finite"] = bool(all(np.all(np.isfinite(v))
                                       for v in host.values()))
   report["final_step"] = int(parallel.to_host(state.step))
+  report["complete"] = True
   return report
 
 
@@ -375,16 +404,17 @@ def print_report(report) -> None:
        f"{s['median_s']:.3f} s  (all: "
        + ", ".join(f"{t:.3f}" for t in s["times_s"]) + ")"),
   ]
-  for key in ("temp_size_in_bytes", "argument_size_in_bytes",
-              "output_size_in_bytes", "alias_size_in_bytes",
-              "peak_memory_in_bytes", "generated_code_size_in_bytes"):
+  for name in ("temp", "argument", "output", "alias", "generated_code"):
+    key = f"{name}_size_in_bytes"
     if key in mem:
-      rows.append((f"XLA {key.replace('_size_in_bytes', '').replace('_in_bytes', '')}",
-                   _mb(mem[key])))
+      rows.append((f"XLA {name}", _mb(mem[key])))
+  if "total_live_bytes" in mem:
+    rows.append(("XLA arg + out - alias + temp", _mb(mem["total_live_bytes"])))
   if "flops" in cost:
     rows.append(("XLA FLOPs / step", f"{cost['flops'] / 1e12:.3f} TFLOP"))
   if "bytes accessed" in cost:
-    rows.append(("XLA bytes accessed", f"{cost['bytes accessed'] / 1e9:.2f} GB"))
+    rows.append(("XLA bytes accessed",
+                 f"{cost['bytes accessed'] / 1e9:.2f} GB"))
   if "achieved_gflops_per_s" in s:
     rows.append(("achieved", f"{s['achieved_gflops_per_s']:.1f} GFLOP/s"))
   for phase, value in report["rss_peak_bytes"].items():
@@ -398,11 +428,17 @@ def print_report(report) -> None:
 def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  report = bench(args)
-  print_report(report)
   path = os.path.join(args.out, "paper_step.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, default=str)
+
+  def save(report):
+    # Write-then-rename: a run killed mid-write keeps the previous snapshot.
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+  report = bench(args, save)
+  save(report)
+  print_report(report)
   print(f"wrote {path}")
 
 

@@ -467,23 +467,94 @@ def target_portion(round_index: int,
 # ---------------------------------------------------------------------------
 
 
-def _top_classes(r: jax.Array, top_k: int, class_ids: jax.Array) -> jax.Array:
-  """(..., top_k) int32 classes by decreasing r, ties -> lower index first.
+def _top_classes(r: jax.Array, top_k: int):
+  """Candidate classes of every pixel and their ratios, best first.
 
-  For small k, k argmax passes (first max = lower index, earlier picks
-  masked out) are ~5x faster than `lax.top_k` on CPU; `lax.top_k` has the
-  same tie order (documented) and serves larger k.
+  Ties in r go to the lower class index. For small k, k argmax/max passes
+  (earlier picks masked out with -inf, which never beats an r >= 0) are
+  ~5x faster than `lax.top_k` on CPU, and `max` gives each candidate's r
+  without a gather; `lax.top_k` has the same documented tie order and
+  serves larger k.
+
+  Args:
+    r: (B, H, W, C) ratios p / λ.
+    top_k: number of candidates, 1 <= top_k <= C.
+
+  Returns:
+    (classes, ratios): two lists of `top_k` (B, H, W) arrays, int32 class
+    ids and r at those classes, in candidate rank order.
   """
   if top_k > 4:
-    return jax.lax.top_k(r, top_k)[1].astype(jnp.int32)
-  picks = []
+    values, picks = jax.lax.top_k(r, top_k)
+    picks = picks.astype(jnp.int32)
+    return ([picks[..., j] for j in range(top_k)],
+            [values[..., j] for j in range(top_k)])
+  class_ids = jnp.arange(r.shape[-1], dtype=jnp.int32)
+  classes, ratios = [], []
   masked = r
-  for _ in range(top_k):
+  for j in range(top_k):
     pick = jnp.argmax(masked, axis=-1).astype(jnp.int32)
-    picks.append(pick)
-    # r >= 0, so -inf never beats a class that has not been picked yet.
-    masked = jnp.where(class_ids == pick[..., None], -jnp.inf, masked)
-  return jnp.stack(picks, axis=-1)
+    classes.append(pick)
+    ratios.append(jnp.max(masked, axis=-1))
+    if j + 1 < top_k:
+      masked = jnp.where(class_ids == pick[..., None], -jnp.inf, masked)
+  return classes, ratios
+
+
+def _pool_planes(votes: jax.Array, window: int, pooling: str) -> jax.Array:
+  """Zero-padded window × window pool of (B, C, H, W) class planes.
+
+  Sum and max are separable, so two 1-D `reduce_window`s (along W, then H)
+  replace one 2-D window: XLA:CPU emits the 2-D window as a scalar loop
+  nest (~5x slower than a 1-D pass here). With C before H, W every window
+  runs along contiguous rows of one class plane and the broadcasts from
+  (B, H, W) maps need no division by C in the index arithmetic.
+  """
+  if window == 1:
+    return votes
+  half = window // 2
+  zero = jnp.zeros((), votes.dtype)
+  # V >= 0, so padding with the init value 0 is also right for 'max'.
+  reducer = jax.lax.max if pooling == "max" else jax.lax.add
+  for axis in (3, 2):
+    dims = [1, 1, 1, 1]
+    dims[axis] = window
+    pad = [(0, 0)] * 4
+    pad[axis] = (half, half)
+    votes = jax.lax.reduce_window(votes, zero, reducer, tuple(dims),
+                                  (1, 1, 1, 1), tuple(pad))
+  return votes
+
+
+# Reads of one class per pixel are 1-D gathers with an int32 flat index
+# computed inline: `take_along_axis` materialises a (..., 4) int32 index
+# array per read (4 MB at 2×256×512×19), which costs ~10% of the kernel and
+# 8 MB of its temporary memory. Flat indices need < 2**31 elements; larger
+# arrays fall back to `take_along_axis`. Indices come from argmax / clip,
+# hence `promise_in_bounds`.
+
+
+def _read_channel(x: jax.Array, classes: jax.Array) -> jax.Array:
+  """x[b, h, w, classes[b, h, w]]: (B, H, W, C), (B, H, W) -> (B, H, W)."""
+  if x.size >= 2**31:
+    return jnp.take_along_axis(x, classes[..., None], axis=-1,
+                               mode="promise_in_bounds")[..., 0]
+  pixel = jnp.arange(classes.size, dtype=jnp.int32).reshape(classes.shape)
+  return x.reshape(-1).at[pixel * x.shape[-1] + classes].get(
+      mode="promise_in_bounds")
+
+
+def _read_planes(planes: jax.Array, classes: jax.Array) -> jax.Array:
+  """planes[b, classes[b, h, w], h, w]: (B, C, H, W), (B, H, W) -> (B, H, W)."""
+  if planes.size >= 2**31:
+    return jnp.take_along_axis(planes, classes[:, None], axis=1,
+                               mode="promise_in_bounds")[:, 0]
+  batch, num_classes, height, width = planes.shape
+  plane = (jnp.arange(batch, dtype=jnp.int32)[:, None, None] * num_classes
+           + classes)
+  pixel = jnp.arange(height * width, dtype=jnp.int32).reshape(height, width)
+  return planes.reshape(-1).at[plane * (height * width) + pixel].get(
+      mode="promise_in_bounds")
 
 
 @functools.partial(
@@ -515,9 +586,15 @@ def densify(
     (ties in r -> lower class index; ties in s -> higher-ranked candidate)
     iff s_k* > 1 (strict). Labelled pixels never change.
 
-  All classes and images are pooled by one `lax.reduce_window` over
-  (B, H, W, C) per iteration; the iterations run in a `lax.fori_loop`.
-  Computes in the dtype of p / λ (float64 under x64 with float64 inputs).
+  One kernel for the whole batch and all classes; the iterations run in a
+  `lax.fori_loop`. Loop-invariant work is hoisted: the candidates and their
+  r (they depend on r only), and r at each pixel's own label. The loop
+  carries two (B, H, W) maps, the labels and that own-label r, so V is
+  built from them without re-reading the (B, H, W, C) ratios; V is laid
+  out as (B, C, H, W) class planes, pooled by two 1-D `lax.reduce_window`s
+  (`_pool_planes`), and only the `top_k` candidate planes are read back
+  (`take_along_axis`). Computes in the dtype of p / λ (float64 under x64
+  with float64 inputs).
 
   Args:
     probs: (B, H, W, C) probabilities.
@@ -551,38 +628,44 @@ def densify(
     return labels
 
   r = _ratios(probs, thresholds)
-  class_ids = jnp.arange(num_classes, dtype=jnp.int32)
-  # Candidates depend on r only: computed once, (B, H, W, top_k).
-  candidates = _top_classes(r, top_k, class_ids)
-  r_candidates = jnp.take_along_axis(r, candidates, axis=-1)
-  half = window // 2
   zero = jnp.zeros((), r.dtype)
+  # Candidates depend on r only: computed once, `top_k` (B, H, W) maps each.
+  cand_classes, cand_ratios = _top_classes(r, top_k)
+  # r at the pixel's own label: the value it votes with (labels outside
+  # [0, C), e.g. ignore_index, vote for no class).
+  in_range = (labels >= 0) & (labels < num_classes)
+  own = _read_channel(r, jnp.clip(labels, 0, num_classes - 1))
+  own = jnp.where(in_range, own, zero)
+  class_planes = jnp.arange(num_classes, dtype=jnp.int32)[:, None, None]
 
-  def vote(_, current):
-    is_k = current[..., None] == class_ids  # (B, H, W, C)
+  def vote(_, state):
+    current, value = state
+    is_k = current[:, None] == class_planes  # (B, C, H, W)
     votes = is_k.astype(r.dtype) if pooling == "count" else jnp.where(
-        is_k, r, zero)
-    # V >= 0, so padding with the init value 0 is also right for 'max'.
-    reducer = jax.lax.max if pooling == "max" else jax.lax.add
-    pooled = jax.lax.reduce_window(
-        votes, zero, reducer,
-        window_dimensions=(1, window, window, 1),
-        window_strides=(1, 1, 1, 1),
-        padding=((0, 0), (half, half), (half, half), (0, 0)))
-    if pooling in ("mean", "count"):
-      pooled = pooled / (window * window)
-    pooled = jnp.take_along_axis(pooled, candidates, axis=-1)
-    if combine == "convex":
-      score = alpha * r_candidates + (1.0 - alpha) * pooled
-    else:
-      score = r_candidates + alpha * pooled
-    best = jnp.argmax(score, axis=-1)  # first max = higher-ranked candidate
-    best_score = jnp.max(score, axis=-1)
-    best_class = jnp.take_along_axis(candidates, best[..., None], axis=-1)
+        is_k, value[:, None], zero)
+    pooled = _pool_planes(votes, window, pooling)
+    best_class = best_score = best_ratio = None
+    for k, r_k in zip(cand_classes, cand_ratios):
+      p_k = _read_planes(pooled, k)
+      if pooling in ("mean", "count"):
+        p_k = p_k / (window * window)
+      if combine == "convex":
+        score = alpha * r_k + (1.0 - alpha) * p_k
+      else:
+        score = r_k + alpha * p_k
+      if best_score is None:
+        best_class, best_score, best_ratio = k, score, r_k
+      else:
+        # Strict: equal scores keep the higher-ranked candidate.
+        better = score > best_score
+        best_class = jnp.where(better, k, best_class)
+        best_ratio = jnp.where(better, r_k, best_ratio)
+        best_score = jnp.where(better, score, best_score)
     assign = (current == ignore_index) & (best_score > 1)
-    return jnp.where(assign, best_class[..., 0], current)
+    return (jnp.where(assign, best_class, current),
+            jnp.where(assign, best_ratio, value))
 
-  return jax.lax.fori_loop(0, num_iters, vote, labels)
+  return jax.lax.fori_loop(0, num_iters, vote, (labels, own))[0]
 
 
 # ---------------------------------------------------------------------------

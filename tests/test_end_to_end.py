@@ -52,15 +52,18 @@ def _check_summary(workdir, method, steps):
   return summary
 
 
-@pytest.mark.parametrize("module,method", [
-    ("source_only", "source_only"), ("oracle", "oracle"),
-    ("adaptsegnet", "adaptsegnet"), ("advent", "advent")])
-def test_entry_point_runs_and_resumes(tmp_path, cache_dir, module, method):
+@pytest.mark.parametrize("module,method,resume", [
+    ("source_only", "source_only", True), ("oracle", "oracle", False),
+    ("adaptsegnet", "adaptsegnet", True), ("advent", "advent", False)])
+def test_entry_point_runs_and_resumes(tmp_path, cache_dir, module, method,
+                                      resume):
   workdir = str(tmp_path / "run")
   config = f"--config=experiments/configs/{module}.py:tiny"
   proc = _run(module, config, f"--workdir={workdir}", cache_dir=cache_dir)
   assert "target mIoU" in proc.stdout
   _check_summary(workdir, method, 4)
+  if not resume:
+    return
   steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   assert "4" in steps
   # Rerun with more steps: resumes from step 4 instead of starting over.
@@ -126,3 +129,28 @@ def test_nan_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
   assert "NaN/Inf" in proc.stderr and "Traceback" not in proc.stderr
   after = sorted(os.listdir(workdir / "checkpoints"))
   assert after == before  # nothing bad was written, nothing good was lost
+
+
+def test_folder_layout_for_both_domains(tmp_path, cache_dir):
+  """The documented folder layout works for source and target, no code
+  change; the target train split has no labels at all."""
+  from jaxda.data import folder
+  from jaxda.data import synthetic
+  root = tmp_path / "data"
+  for domain in ("source", "target"):
+    for split, n in (("train", 8), ("val", 4)):
+      images, labels = synthetic.generate(domain, n, height=40, width=72,
+                                          seed=1 if split == "train" else 2)
+      keep_labels = not (domain == "target" and split == "train")
+      folder.export_folder(str(root / domain), split, images,
+                           labels if keep_labels else None,
+                           synthetic.CLASS_NAMES)
+  assert not (root / "target" / "train" / "labels").exists()
+  workdir = tmp_path / "run"
+  _run("adaptsegnet", "--config=experiments/configs/adaptsegnet.py:tiny",
+       f"--workdir={workdir}", "--config.source.name=folder",
+       f"--config.source.data_dir={root / 'source'}",
+       "--config.target.name=folder",
+       f"--config.target.data_dir={root / 'target'}", cache_dir=cache_dir)
+  summary = _check_summary(str(workdir), "adaptsegnet", 4)
+  assert summary["target"]["num_images"] == 4
