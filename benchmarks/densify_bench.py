@@ -9,16 +9,34 @@ batch; the exact form then holds ~50 MB of confidences, the histogram 156 kB):
 
   python -m benchmarks.densify_bench --out DIR --maps 100
 
-Part 1 times `jaxda.pseudo_labels.densify` (jitted, one reduce_window per
-iteration over (B, H, W, C)) against two NumPy implementations of the same
-rule, written here: a fully vectorised one (all classes at once, windows as
-zero padding + window² shifted sums) and one looping over classes. All three
-compute in float32; their labels are compared. Throughput is megapixels ×
-classes per second per call (`num_iters` iterations included). The kernel's
-effective bandwidth counts, per iteration, one read of the (B, H, W, C)
-float32 probabilities plus one read and one write of the int32 label map,
-and is reported as a fraction of the machine's copy bandwidth (NumPy copy of
-a 256 MiB array, read + write bytes, the STREAM convention).
+Part 1 times `jaxda.pseudo_labels.densify` (jitted; per iteration one
+separable pair of `reduce_window`s over all classes of the whole batch)
+against NumPy implementations of the same rule, written here, all in
+float32, with their labels compared:
+
+* `numpy_vectorized` (the reference): all classes and images at once,
+  candidates by a stable argsort, votes from the (B, H, W, C) ratios,
+  window as zero padding + window² shifted sums, candidate reads by
+  `take_along_axis`. No Python loop over pixels or classes.
+* `numpy_same_algorithm`: NumPy given every algorithmic choice of the
+  kernel (top-k by k argmax passes, votes from a (label, own-ratio) map
+  pair in (B, C, H, W) class planes, separable shifted sums): how much of
+  the speed-up is XLA rather than the algorithm.
+* `numpy_class_loop` (skip with --skip-class-loop): pools one class plane
+  at a time.
+
+Implementations are timed interleaved (one call of each per repeat), so
+load from other processes on a shared machine hits them alike; the report
+gives per-implementation medians, the ratio of medians and the median of
+the per-repeat ratios, and the minor page faults per call (XLA's temporary
+buffer is one allocation; above glibc's 32 MiB mmap threshold it is mapped
+and faulted in afresh on every call). Throughput is megapixels × classes
+per second per call (`num_iters` iterations included). Two bandwidths for
+the kernel, each also as a fraction of the machine's copy bandwidth (NumPy
+copy of a 256 MiB array, read + write bytes, the STREAM convention):
+"nominal" counts, per iteration, one read of the (B, H, W, C) float32
+probabilities plus one read and one write of the int32 label map; "streamed"
+is the traffic the kernel actually moves (`kernel_traffic_bytes`).
 
 Part 2 runs one thresholds pass (CRST semantics, subsample 4) over `--maps`
 synthetic softmax maps: the exact form (`class_confidences` per batch on the
@@ -36,6 +54,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 import tracemalloc
@@ -153,6 +172,70 @@ def numpy_densify_class_loop(probs, labels, thresholds, *, window, alpha,
   return labels
 
 
+def _pool_planes_shifted(planes, window, pooling):
+  """(B, C, H, W) zero-padded window pool, separable: W pass, then H pass."""
+  half = window // 2
+  height, width = planes.shape[2:]
+  accumulate = np.maximum if pooling == "max" else np.add
+  padded = np.pad(planes, [(0, 0), (0, 0), (0, 0), (half, half)])
+  out = padded[..., :width].copy()
+  for d in range(1, window):
+    accumulate(out, padded[..., d:d + width], out=out)
+  padded = np.pad(out, [(0, 0), (0, 0), (half, half), (0, 0)])
+  out = padded[:, :, :height].copy()
+  for d in range(1, window):
+    accumulate(out, padded[:, :, d:d + height], out=out)
+  return out
+
+
+def numpy_densify_same_algorithm(probs, labels, thresholds, *, window, alpha,
+                                 num_iters, pooling, combine, top_k):
+  """The kernel's algorithm in NumPy (see the module docstring)."""
+  r = probs / thresholds.astype(np.float32)
+  num_classes = r.shape[-1]
+  masked = r.copy()
+  cands, r_cands = [], []
+  for j in range(top_k):  # first max = lower class index on ties
+    pick = np.argmax(masked, axis=-1)[..., None]
+    cands.append(pick[..., 0])
+    r_cands.append(np.take_along_axis(masked, pick, axis=-1)[..., 0])
+    if j + 1 < top_k:
+      np.put_along_axis(masked, pick, -np.inf, axis=-1)
+  labels = labels.astype(np.int32)
+  own = np.take_along_axis(
+      r, np.clip(labels, 0, num_classes - 1)[..., None], axis=-1)[..., 0]
+  planes = np.arange(num_classes, dtype=np.int32)[:, None, None]
+  batch, height, width = labels.shape
+  b_idx = np.arange(batch)[:, None, None]
+  h_idx = np.arange(height)[:, None]
+  w_idx = np.arange(width)
+  for _ in range(num_iters):
+    is_k = labels[:, None] == planes
+    votes = (is_k.astype(np.float32) if pooling == "count"
+             else np.where(is_k, own[:, None], np.float32(0)))
+    pooled = _pool_planes_shifted(votes, window, pooling)
+    best_c = best_s = best_r = None
+    for k, r_k in zip(cands, r_cands):
+      p_k = pooled[b_idx, k, h_idx, w_idx]
+      if pooling in ("mean", "count"):
+        p_k = p_k / np.float32(window * window)
+      if combine == "convex":
+        s = np.float32(alpha) * r_k + np.float32(1 - alpha) * p_k
+      else:
+        s = r_k + np.float32(alpha) * p_k
+      if best_s is None:
+        best_c, best_s, best_r = k, s, r_k
+      else:
+        better = s > best_s
+        best_c = np.where(better, k, best_c)
+        best_r = np.where(better, r_k, best_r)
+        best_s = np.where(better, s, best_s)
+    assign = (labels == IGNORE) & (best_s > 1)
+    labels = np.where(assign, best_c, labels).astype(np.int32)
+    own = np.where(assign, best_r, own)
+  return labels
+
+
 # ---------------------------------------------------------------------------
 # Timing helpers
 # ---------------------------------------------------------------------------
@@ -198,6 +281,28 @@ def machine_info():
 # ---------------------------------------------------------------------------
 
 
+def kernel_traffic_bytes(shape, num_iters, top_k, window):
+  """Bytes `densify` streams per call (float32 / int32, 4 bytes each).
+
+  A model of the kernel for top_k <= 4 (argmax candidates). Prologue: `top_k` argmax/max passes over the (B, H, W, C) probabilities,
+  the own-label read, `2 top_k + 1` (B, H, W) maps written. Per iteration:
+  V written, two 1-D reduce_window passes (read + write each; none for
+  window 1), then the decision reads the label and own-ratio maps, the
+  candidate maps and one pooled value per candidate, and writes two maps.
+  """
+  full = 4 * int(np.prod(shape))
+  plane = 4 * int(np.prod(shape[:-1]))
+  prologue = top_k * full + 2 * plane + (2 * top_k + 1) * plane
+  passes = 2 if window > 1 else 0
+  per_iter = (full + passes * 2 * full
+              + (2 + 2 * top_k) * plane + top_k * plane + 2 * plane)
+  return prologue + num_iters * per_iter
+
+
+def _minor_faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def bench_densify(args, copy_bw):
   shape = (args.batch, args.height, args.width, args.classes)
   probs_dev = _synthetic_probs_jit(jax.random.key(args.seed), *shape)
@@ -208,34 +313,68 @@ def bench_densify(args, copy_bw):
               pooling=args.pooling, combine=args.combine, top_k=args.top_k)
   thr_dev = jnp.asarray(thresholds)
   labels_dev = jnp.asarray(labels)
+  compiled = pseudo_labels.densify.lower(
+      probs_dev, labels_dev, thr_dev, **rule).compile()
+  analysis = compiled.memory_analysis()
+  temp_bytes = (int(analysis.temp_size_in_bytes) if analysis is not None
+                else None)
 
   impls = {
       "jax_kernel": lambda: pseudo_labels.densify(
           probs_dev, labels_dev, thr_dev, **rule),
       "numpy_vectorized": lambda: numpy_densify_vectorized(
           probs, labels, thresholds, **rule),
+      "numpy_same_algorithm": lambda: numpy_densify_same_algorithm(
+          probs, labels, thresholds, **rule),
   }
   if not args.skip_class_loop:
     impls["numpy_class_loop"] = lambda: numpy_densify_class_loop(
         probs, labels, thresholds, **rule)
 
+  outputs = {name: np.asarray(fn()) for name, fn in impls.items()}
+  for _ in range(args.warmup):
+    for fn in impls.values():
+      jax.block_until_ready(fn())
+  # Interleaved: every repeat times each implementation once.
+  times = {name: [] for name in impls}
+  faults = {name: [] for name in impls}
+  for _ in range(args.repeats):
+    for name, fn in impls.items():
+      before = _minor_faults()
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+      faults[name].append(_minor_faults() - before)
+
   pixels_classes = float(np.prod(shape))
-  bytes_per_call = args.num_iters * (probs.nbytes + 2 * labels.size * 4)
-  outputs, results = {}, {}
-  for name, fn in impls.items():
-    outputs[name] = np.asarray(fn())
-    times = _time(fn, args.repeats, args.warmup)
-    med = statistics.median(times)
+  results = {}
+  for name in impls:
+    med = statistics.median(times[name])
     results[name] = {
-        "times_s": times,
+        "times_s": times[name],
         "median_s": med,
         "mpix_classes_per_s": pixels_classes / med / 1e6,
+        "minor_faults_per_call": statistics.median(faults[name]),
     }
   kernel = results["jax_kernel"]
-  kernel["effective_bytes_per_call"] = bytes_per_call
-  kernel["effective_gb_per_s"] = bytes_per_call / kernel["median_s"] / 1e9
-  kernel["fraction_of_copy_bandwidth"] = (
-      bytes_per_call / kernel["median_s"] / copy_bw)
+  nominal = args.num_iters * (probs.nbytes + 2 * labels.size * 4)
+  streamed = kernel_traffic_bytes(shape, args.num_iters, args.top_k,
+                                  args.window)
+  for key, num_bytes in (("nominal", nominal), ("streamed", streamed)):
+    kernel[f"{key}_bytes_per_call"] = num_bytes
+    kernel[f"{key}_gb_per_s"] = num_bytes / kernel["median_s"] / 1e9
+    kernel[f"{key}_fraction_of_copy_bandwidth"] = (
+        num_bytes / kernel["median_s"] / copy_bw)
+  kernel["xla_temp_bytes"] = temp_bytes
+  speedup = {}
+  for name in impls:
+    if name == "jax_kernel":
+      continue
+    speedup[name] = {
+        "ratio_of_medians": results[name]["median_s"] / kernel["median_s"],
+        "median_of_paired_ratios": statistics.median(
+            t / k for t, k in zip(times[name], times["jax_kernel"])),
+    }
   reference = outputs["numpy_vectorized"]
   agreement = {name: int(np.sum(out != reference))
                for name, out in outputs.items()}
@@ -247,6 +386,7 @@ def bench_densify(args, copy_bw):
       "mismatched_pixels_vs_numpy_vectorized": agreement,
       "identical": all(v == 0 for v in agreement.values()),
       "results": results,
+      "kernel_speedup_same_run": speedup,
   }
 
 
@@ -417,13 +557,25 @@ def _print_report(report):
   print(f"    density {d['density_before']:.3f} -> {d['density_after']:.3f};"
         f" identical labels: {d['identical']} "
         f"{d['mismatched_pixels_vs_numpy_vectorized']}")
-  print(f"    {'implementation':<18}{'median ms':>11}{'MPix*C/s':>12}")
+  print(f"    {'implementation':<22}{'median ms':>11}{'MPix*C/s':>11}"
+        f"{'faults/call':>13}")
   for name, res in d["results"].items():
-    print(f"    {name:<18}{res['median_s'] * 1e3:>11.2f}"
-          f"{res['mpix_classes_per_s']:>12.1f}")
+    print(f"    {name:<22}{res['median_s'] * 1e3:>11.2f}"
+          f"{res['mpix_classes_per_s']:>11.1f}"
+          f"{res['minor_faults_per_call']:>13.0f}")
+  for name, sp in d["kernel_speedup_same_run"].items():
+    print(f"    kernel speed-up vs {name}: {sp['ratio_of_medians']:.2f}x "
+          f"(ratio of medians), {sp['median_of_paired_ratios']:.2f}x "
+          f"(median of paired repeats)")
   k = d["results"]["jax_kernel"]
-  print(f"    kernel effective {k['effective_gb_per_s']:.2f} GB/s = "
-        f"{100 * k['fraction_of_copy_bandwidth']:.1f}% of copy bandwidth")
+  for key in ("nominal", "streamed"):
+    print(f"    kernel {key} {k[f'{key}_bytes_per_call'] / 1e6:.0f} MB/call: "
+          f"{k[f'{key}_gb_per_s']:.2f} GB/s = "
+          f"{100 * k[f'{key}_fraction_of_copy_bandwidth']:.1f}% of copy "
+          f"bandwidth")
+  if k["xla_temp_bytes"] is not None:
+    print(f"    kernel XLA temporary buffer {k['xla_temp_bytes'] / 2**20:.1f}"
+          f" MiB")
   if "thresholds" not in report:
     return
   t = report["thresholds"]

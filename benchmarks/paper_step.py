@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxda import train_loop
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda import parallel
@@ -85,12 +86,7 @@ def paper_config(method: str, variant: str, height: int, width: int):
 
 def frozen_regexes(config) -> list[str]:
   """Parameter-path regexes never updated, as ``train_loop.setup`` has them."""
-  frozen = list(config.optim.frozen_regexes)
-  frozen.append(models_lib.batchnorm_param_regex)
-  if config.model.aspp_branches_used < 4:
-    dead = "|".join(str(i) for i in range(config.model.aspp_branches_used, 4))
-    frozen.append(rf"aspp_(main|aux)/branch_({dead})/")
-  return frozen
+  return train_loop.frozen_regexes(config)
 
 
 def build(config, num_classes: int, init_size: int, seed: int):

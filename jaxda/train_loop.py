@@ -171,13 +171,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         learning_rate=config.adversarial.learning_rate,
         schedule_steps=schedule_steps, b1=config.adversarial.b1,
         b2=config.adversarial.b2, power=config.optim.power)
-  frozen = list(config.optim.frozen_regexes)
-  frozen.append(models_lib.batchnorm_param_regex)
-  if config.model.aspp_branches_used < 4:
-    # AdaptSegNet's early return: the unused branches keep their init values
-    # (PyTorch's SGD skips parameters without gradients; no weight decay).
-    dead = "|".join(str(i) for i in range(config.model.aspp_branches_used, 4))
-    frozen.append(rf"aspp_(main|aux)/branch_({dead})/")
+  frozen = frozen_regexes(config)
   tx, labels_fn = optim.make_segmenter_tx(
       learning_rate=config.optim.learning_rate,
       schedule_steps=schedule_steps, momentum=config.optim.momentum,
@@ -194,6 +188,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
              class_names=class_names, writer=writer,
              checkpointer=checkpointer, tx=tx, labels_fn=labels_fn,
              disc_tx=disc_tx, start_time=time.time())
+
+
+def frozen_regexes(config) -> list[str]:
+  """Parameter-path regexes never updated: config extras, BatchNorm affine
+  parameters, and the ASPP branches AdaptSegNet's early return leaves dead
+  (PyTorch's SGD skips parameters without gradients, so they keep their init
+  values and get no weight decay)."""
+  frozen = list(config.optim.frozen_regexes)
+  frozen.append(models_lib.batchnorm_param_regex)
+  if config.model.aspp_branches_used < 4:
+    dead = "|".join(str(i) for i in range(config.model.aspp_branches_used, 4))
+    frozen.append(rf"aspp_(main|aux)/branch_({dead})/")
+  return frozen
 
 
 def disc_levels(run: Run) -> tuple[str, ...]:

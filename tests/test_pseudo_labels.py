@@ -328,6 +328,23 @@ def test_densify_mean_counts_padding_at_borders():
   assert int(out[0, 0, 0]) == 0
 
 
+def test_densify_take_along_axis_fallback_x64(monkeypatch):
+  # Arrays of >= 2**31 elements are read with take_along_axis instead of
+  # int32 flat indices; force that path (unjitted, so the patched limit is
+  # seen) on a small case.
+  monkeypatch.setattr(pl, "_FLAT_INDEX_LIMIT", 0)
+  probs, thr, labels = _densify_case(seed=17)
+  kwargs = dict(window=3, alpha=0.45, num_iters=2, pooling="mean",
+                combine="additive", top_k=3)
+  with jax.enable_x64(True):
+    got = pl.densify.__wrapped__(
+        jnp.asarray(probs, jnp.float64), jnp.asarray(labels),
+        jnp.asarray(thr, jnp.float64), **kwargs)
+  want, _ = np_densify(probs, labels, thr, **kwargs)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert np.sum(want != labels) > 0
+
+
 def test_densify_rejects_bad_arguments():
   probs = jnp.full((1, 4, 4, 3), 1 / 3)
   labels = jnp.full((1, 4, 4), IGNORE)

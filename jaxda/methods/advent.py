@@ -35,17 +35,11 @@ def make_minent_step(models: base.Models, config, tx, disc_tx=None):
     src, tgt = batch["source"], batch["target"]
 
     def loss_fn(params):
-      out_s, stats = base.forward(models, params, state.batch_stats,
-                                  src["image"], bn_mode=bn_mode,
-                                  labelled=True)
-      logits_s = base.upsample_outputs(out_s, src["image"].shape[1:3],
-                                       align_corners=align)
-      seg, metrics = base.segmentation_loss(logits_s, src["label"],
-                                            lambda_aux=lambda_aux)
-      out_t, stats = base.forward(models, params, stats, tgt["image"],
-                                  bn_mode=bn_mode, labelled=False)
-      logits_t = base.upsample_outputs(out_t, tgt["image"].shape[1:3],
-                                       align_corners=align)
+      seg, metrics, stats, _ = base.supervised_pass(
+          models, params, state.batch_stats, src, bn_mode=bn_mode,
+          align_corners=align, lambda_aux=lambda_aux)
+      logits_t, stats = base.target_pass(models, params, stats, tgt["image"],
+                                         bn_mode=bn_mode, align_corners=align)
       ent_total = 0.0
       for level in levels:
         ent = losses.minent_loss(jax.nn.softmax(logits_t[level], axis=-1))
@@ -56,10 +50,7 @@ def make_minent_step(models: base.Models, config, tx, disc_tx=None):
 
     (loss, (stats, metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
-    params, opt_state = base.apply_updates(tx, grads, state.opt_state,
-                                           state.params)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=stats, opt_state=opt_state)
+    new_state = base.update_segmenter(state, tx, grads, stats)
     return new_state, dict(metrics, loss=loss,
                            grad_norm=base.global_norm(grads))
 

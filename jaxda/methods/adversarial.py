@@ -49,21 +49,16 @@ def make_adversarial_step(disc_input: str):
     def step(state, batch, rng):
       del rng
       src, tgt = batch["source"], batch["target"]
-      src_size = src["image"].shape[1:3]
-      tgt_size = tgt["image"].shape[1:3]
 
       def generator_loss(params):
         # Source pass, then target pass, in the originals' order: with
         # bn_mode='train' both update the running statistics in turn.
-        out_s, stats = base.forward(models, params, state.batch_stats,
-                                    src["image"], bn_mode=bn_mode,
-                                    labelled=True)
-        logits_s = base.upsample_outputs(out_s, src_size, align_corners=align)
-        seg, metrics = base.segmentation_loss(logits_s, src["label"],
-                                              lambda_aux=lambda_aux)
-        out_t, stats = base.forward(models, params, stats, tgt["image"],
-                                    bn_mode=bn_mode, labelled=False)
-        logits_t = base.upsample_outputs(out_t, tgt_size, align_corners=align)
+        seg, metrics, stats, logits_s = base.supervised_pass(
+            models, params, state.batch_stats, src, bn_mode=bn_mode,
+            align_corners=align, lambda_aux=lambda_aux)
+        logits_t, stats = base.target_pass(models, params, stats,
+                                           tgt["image"], bn_mode=bn_mode,
+                                           align_corners=align)
         adv = 0.0
         d_inputs = {}
         for level in levels:
@@ -95,23 +90,16 @@ def make_adversarial_step(disc_input: str):
                                           d_out_target=d_out_t, gan=gan)
           d_metrics[f"disc_{level}"] = l_d
           # Accuracy of D at telling the domains apart (0.5 = confused).
+          boundary = 0.5 if gan.lower() == "ls" else 0.0
           d_metrics[f"disc_acc_{level}"] = 0.5 * (
-              jnp.mean(d_out_s < 0.5 if gan == "ls" else d_out_s < 0) +
-              jnp.mean(d_out_t >= 0.5 if gan == "ls" else d_out_t >= 0))
+              jnp.mean(d_out_s < boundary) + jnp.mean(d_out_t >= boundary))
           total = total + l_d
         return total, d_metrics
 
       (_, d_metrics), d_grads = jax.value_and_grad(
           disc_loss, has_aux=True)(state.disc_params)
-
-      params, opt_state = base.apply_updates(tx, grads, state.opt_state,
-                                             state.params)
-      disc_params, disc_opt_state = base.apply_updates(
-          disc_tx, d_grads, state.disc_opt_state, state.disc_params)
-      new_state = state.replace(
-          step=state.step + 1, params=params, batch_stats=stats,
-          opt_state=opt_state, disc_params=disc_params,
-          disc_opt_state=disc_opt_state)
+      new_state = base.update_segmenter(state, tx, grads, stats)
+      new_state = base.update_discriminators(new_state, disc_tx, d_grads)
       metrics = dict(metrics, **d_metrics, loss=loss,
                      grad_norm=base.global_norm(grads))
       return new_state, metrics

@@ -128,6 +128,50 @@ def segmentation_loss(logits: dict[str, jax.Array], labels: jax.Array, *,
   return total, metrics
 
 
+def supervised_pass(models: Models, params, batch_stats, data, *,
+                    bn_mode: str, align_corners: bool, lambda_aux: float,
+                    labelled: bool = True):
+  """Forward on a labelled batch + multi-level segmentation loss.
+
+  Returns:
+    ``(loss, metrics, batch_stats, logits)`` with ``logits`` upsampled to
+    the input size per level.
+  """
+  outputs, batch_stats = forward(models, params, batch_stats, data["image"],
+                                 bn_mode=bn_mode, labelled=labelled)
+  logits = upsample_outputs(outputs, data["image"].shape[1:3],
+                            align_corners=align_corners)
+  loss, metrics = segmentation_loss(logits, data["label"],
+                                    lambda_aux=lambda_aux)
+  return loss, metrics, batch_stats, logits
+
+
+def target_pass(models: Models, params, batch_stats, images, *,
+                bn_mode: str, align_corners: bool):
+  """Forward on unlabelled-domain images; logits upsampled to the input."""
+  outputs, batch_stats = forward(models, params, batch_stats, images,
+                                 bn_mode=bn_mode, labelled=False)
+  return upsample_outputs(outputs, images.shape[1:3],
+                          align_corners=align_corners), batch_stats
+
+
+def update_segmenter(state, tx: optax.GradientTransformation, grads,
+                     batch_stats):
+  """Applies the segmenter update and advances the step counter."""
+  params, opt_state = apply_updates(tx, grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=params,
+                       batch_stats=batch_stats, opt_state=opt_state)
+
+
+def update_discriminators(state, disc_tx: optax.GradientTransformation,
+                          disc_grads):
+  """Applies the discriminators' update (step counter unchanged)."""
+  disc_params, disc_opt_state = apply_updates(
+      disc_tx, disc_grads, state.disc_opt_state, state.disc_params)
+  return state.replace(disc_params=disc_params,
+                       disc_opt_state=disc_opt_state)
+
+
 def apply_updates(tx: optax.GradientTransformation, grads, opt_state, params):
   """One optax update; returns ``(params, opt_state)``."""
   updates, opt_state = tx.update(grads, opt_state, params)

@@ -50,6 +50,15 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _source_term(models, config, params, stats, src, weight):
+  """Weighted source CE: ``(weight * loss, metrics, batch_stats)``."""
+  seg, metrics, stats, _ = base.supervised_pass(
+      models, params, stats, src, bn_mode=config.model.bn_mode,
+      align_corners=config.model.upsample_align_corners,
+      lambda_aux=config.loss.lambda_seg_aux)
+  return weight * seg, dict(metrics, seg_loss=seg), stats
+
+
 def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
   """CBST/CRST/TPLD phase-1 step (no discriminator update)."""
   del disc_tx
@@ -70,18 +79,10 @@ def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
       stats = state.batch_stats
       total = 0.0
       if st.source_weight:
-        out_s, stats = base.forward(models, params, stats, src["image"],
-                                    bn_mode=bn_mode, labelled=True)
-        logits_s = base.upsample_outputs(out_s, src["image"].shape[1:3],
-                                         align_corners=align)
-        seg, metrics = base.segmentation_loss(logits_s, src["label"],
-                                              lambda_aux=lambda_aux)
-        metrics["seg_loss"] = seg
-        total = st.source_weight * seg
-      out_t, stats = base.forward(models, params, stats, tgt["image"],
-                                  bn_mode=bn_mode, labelled=False)
-      logits_t = base.upsample_outputs(out_t, tgt["image"].shape[1:3],
-                                       align_corners=align)
+        total, metrics, stats = _source_term(models, config, params, stats, src,
+                                             st.source_weight)
+      logits_t, stats = base.target_pass(models, params, stats, tgt["image"],
+                                         bn_mode=bn_mode, align_corners=align)
       for level, logit in logits_t.items():
         w = 1.0 if level == "main" else lambda_aux
         term = _target_term(
@@ -99,10 +100,7 @@ def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
 
     (loss, (stats, metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
-    params, opt_state = base.apply_updates(tx, grads, state.opt_state,
-                                           state.params)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=stats, opt_state=opt_state)
+    new_state = base.update_segmenter(state, tx, grads, stats)
     return new_state, dict(metrics, loss=loss,
                            grad_norm=base.global_norm(grads))
 
@@ -133,18 +131,10 @@ def make_phase2_step(models: base.Models, config, tx, disc_tx):
       stats = state.batch_stats
       total = 0.0
       if st.phase2_source_weight:
-        out_s, stats = base.forward(models, params, stats, src["image"],
-                                    bn_mode=bn_mode, labelled=True)
-        logits_s = base.upsample_outputs(out_s, src["image"].shape[1:3],
-                                         align_corners=align)
-        seg, metrics = base.segmentation_loss(logits_s, src["label"],
-                                              lambda_aux=lambda_aux)
-        metrics["seg_loss"] = seg
-        total = st.phase2_source_weight * seg
-      out_t, stats = base.forward(models, params, stats, tgt["image"],
-                                  bn_mode=bn_mode, labelled=False)
-      logits_t = base.upsample_outputs(out_t, tgt["image"].shape[1:3],
-                                       align_corners=align)
+        total, metrics, stats = _source_term(models, config, params, stats, src,
+                                             st.phase2_source_weight)
+      logits_t, stats = base.target_pass(models, params, stats, tgt["image"],
+                                         bn_mode=bn_mode, align_corners=align)
       for level, logit in logits_t.items():
         w = 1.0 if level == "main" else lambda_aux
         term = _target_term(
@@ -173,14 +163,8 @@ def make_phase2_step(models: base.Models, config, tx, disc_tx):
 
     (_, d_metrics), d_grads = jax.value_and_grad(
         disc_loss, has_aux=True)(state.disc_params)
-    params, opt_state = base.apply_updates(tx, grads, state.opt_state,
-                                           state.params)
-    disc_params, disc_opt_state = base.apply_updates(
-        disc_tx, d_grads, state.disc_opt_state, state.disc_params)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=stats,
-        opt_state=opt_state, disc_params=disc_params,
-        disc_opt_state=disc_opt_state)
+    new_state = base.update_segmenter(state, tx, grads, stats)
+    new_state = base.update_discriminators(new_state, disc_tx, d_grads)
     metrics = dict(metrics, **d_metrics, loss=loss,
                    easy_fraction=jnp.mean(easy.astype(jnp.float32)),
                    grad_norm=base.global_norm(grads))

@@ -18,32 +18,23 @@ def make_supervised_step(domain: str):
 
   def make_step(models: base.Models, config, tx, disc_tx=None):
     del disc_tx
-    bn_mode = config.model.bn_mode
-    lambda_aux = config.loss.lambda_seg_aux
-    align = config.model.upsample_align_corners
+    kwargs = dict(bn_mode=config.model.bn_mode,
+                  align_corners=config.model.upsample_align_corners,
+                  lambda_aux=config.loss.lambda_seg_aux)
 
     def step(state, batch, rng):
       del rng  # Deterministic step: no dropout, no augmentation in-graph.
-      data = batch[domain]
-      size = data["image"].shape[1:3]
 
       def loss_fn(params):
-        outputs, stats = base.forward(models, params, state.batch_stats,
-                                      data["image"], bn_mode=bn_mode,
-                                      labelled=True)
-        logits = base.upsample_outputs(outputs, size, align_corners=align)
-        loss, metrics = base.segmentation_loss(logits, data["label"],
-                                               lambda_aux=lambda_aux)
+        loss, metrics, stats, _ = base.supervised_pass(
+            models, params, state.batch_stats, batch[domain], **kwargs)
         return loss, (stats, metrics)
 
       (loss, (stats, metrics)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(state.params)
-      params, opt_state = base.apply_updates(tx, grads, state.opt_state,
-                                             state.params)
-      new_state = state.replace(step=state.step + 1, params=params,
-                                batch_stats=stats, opt_state=opt_state)
-      metrics = dict(metrics, loss=loss, grad_norm=base.global_norm(grads))
-      return new_state, metrics
+      new_state = base.update_segmenter(state, tx, grads, stats)
+      return new_state, dict(metrics, loss=loss,
+                             grad_norm=base.global_norm(grads))
 
     return step
 
