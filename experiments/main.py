@@ -62,8 +62,14 @@ def run(default_config: str, train_fn_name: str = "train_and_evaluate",
         "runs", f"{config.method}_seed{config.seed}")
     train_fn: Callable = getattr(importlib.import_module(module),
                                  train_fn_name)
+    from jaxda import train_loop  # pylint: disable=g-import-not-at-top
     try:
       train_fn(config, workdir)
+    except train_loop.StopRequested as e:
+      # SIGTERM/SIGINT: a checkpoint was written; exit as the signal would
+      # have (143 / 130) so schedulers see the run was stopped, not done.
+      print(str(e), file=sys.stderr)
+      sys.exit(e.exit_code)
     except user_errors() as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)

@@ -238,6 +238,20 @@ def _format_round(diag: dict[str, Any]) -> str:
   return line
 
 
+def _record_round(run, state, r: int, end: int, diag: dict[str, Any],
+                  records: list[dict], records_path: str) -> list[dict]:
+  """Evaluates the model that ends round ``r``; rewrites rounds.json."""
+  result = train_loop.evaluate_target(run, state, end)
+  diag = dict(diag, target_miou=result["miou"], step=end)
+  records = [d for d in records if d["round"] != r] + [diag]
+  if run.is_main:
+    with open(records_path + ".tmp", "w") as f:
+      json.dump(records, f, indent=2)
+    os.replace(records_path + ".tmp", records_path)
+  run.log(_format_round(diag))
+  return records
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Runs the whole self-training pipeline (resumable); returns the summary."""
@@ -273,6 +287,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     run.log(f"{config.method}: {r1} phase-1 + {r2} phase-2 rounds x"
             f" {steps_per_round} steps, batch {config.batch_size}")
     compiled = {}
+    last = start // steps_per_round - 1
+    if (start % steps_per_round == 0 and 0 <= last < r1 + r2
+        and not any(d["round"] == last for d in records)):
+      # A stop (SIGTERM/SIGINT) on a round's last step checkpoints the round
+      # end but leaves before its evaluation; the restored state is exactly
+      # that round's final model, so record it now.
+      last_labels = load_pseudo_labels(run, last)
+      if last_labels is not None:
+        records = _record_round(run, state, last, start,
+                                last_labels["diagnostics"], records,
+                                records_path)
     for r in range(start // steps_per_round, r1 + r2):
       phase = 1 if r < r1 else 2
       data = load_pseudo_labels(run, r)
@@ -310,14 +335,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           run, state, compiled[phase],
           train_loop.paired_batches(run, begin, target_extras=extras),
           begin, end, desc=f"round {r} (phase {phase})")
-      result = train_loop.evaluate_target(run, state, end)
-      diag = dict(diag, target_miou=result["miou"], step=end)
-      records = [d for d in records if d["round"] != r] + [diag]
-      if run.is_main:
-        with open(records_path + ".tmp", "w") as f:
-          json.dump(records, f, indent=2)
-        os.replace(records_path + ".tmp", records_path)
-      run.log(_format_round(diag))
+      records = _record_round(run, state, r, end, diag, records,
+                              records_path)
     result = train_loop.evaluate_target(run, state, config.num_steps)
     extra = {"rounds": sorted(records, key=lambda d: d["round"]),
              "base_checkpoint": config.model.init_checkpoint}

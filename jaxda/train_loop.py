@@ -14,10 +14,13 @@ What a run writes under ``workdir``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -45,6 +48,25 @@ class TrainingDivergedError(RuntimeError):
 
 class ConfigError(ValueError):
   """A config value is invalid."""
+
+
+class StopRequested(RuntimeError):
+  """SIGTERM/SIGINT stopped training at a step boundary, after a checkpoint.
+
+  Attributes:
+    signal_name: ``'SIGTERM'`` or ``'SIGINT'``.
+    step: the step the run stopped at (and was checkpointed at).
+    exit_code: the shell convention for death by that signal, 128 + its
+      number (143 for SIGTERM, 130 for SIGINT).
+  """
+
+  def __init__(self, signal_name: str, step: int):
+    super().__init__(
+        f"stopped by {signal_name} at step {step}; checkpoint saved; rerun"
+        " the same command to resume")
+    self.signal_name = signal_name
+    self.step = step
+    self.exit_code = 128 + int(getattr(signal, signal_name))
 
 
 @dataclasses.dataclass
@@ -349,6 +371,58 @@ def _check_finite(metrics: dict[str, np.ndarray], first: int, last: int,
         " the run resumes from the last good checkpoint.")
 
 
+class StopSignals(contextlib.AbstractContextManager):
+  """Turns SIGTERM/SIGINT into a flag while training runs.
+
+  A scheduler's SIGTERM (pre-emption) or a Ctrl-C then stops the loop at the
+  next step boundary, where it can checkpoint, instead of killing it
+  mid-step. A second signal while the first is pending is not swallowed: the
+  previous handlers are put back and the signal re-raised, so a user who
+  insists gets the usual behaviour (KeyboardInterrupt, or death by SIGTERM).
+  The previous handlers are also restored on exit. Ignored signals stay
+  ignored; outside the main thread (where Python cannot install handlers)
+  this is a no-op.
+
+  Attributes:
+    requested: name of the first signal received (``'SIGTERM'``), or None.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.requested: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> StopSignals:
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for signum in self.SIGNALS:
+      # An ignored signal (e.g. SIGINT of a job started with `&` or nohup)
+      # stays ignored: whoever started us asked for that.
+      if signal.getsignal(signum) is signal.SIG_IGN:
+        continue
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._restore()
+
+  def _restore(self) -> None:
+    for signum, handler in self._previous.items():
+      # None: the handler was not installed from Python; SIG_DFL is the
+      # closest we can put back.
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.requested is None:
+      self.requested = signal.Signals(signum).name
+      return
+    self._restore()
+    signal.raise_signal(signum)
+
+
 def run_steps(run: Run, state, step_jit: Callable, batches: Iterator[dict],
               start: int, stop: int, *, desc: str = "train",
               prefix: str = "train") -> Any:
@@ -357,6 +431,17 @@ def run_steps(run: Run, state, step_jit: Callable, batches: Iterator[dict],
   Metrics stay on device between log points (no host sync per step); at a
   log point they are fetched together, checked for NaN/Inf and averaged. A
   checkpoint is only written right after such a check passed.
+
+  SIGTERM or SIGINT (see ``StopSignals``) ends the loop after the step in
+  flight: its metrics are checked and logged, a checkpoint is written at
+  that step boundary and waited for, the writers are flushed, then
+  ``StopRequested`` is raised. Rerunning resumes there, and because batches
+  are a function of (seed, step) the result equals an uninterrupted run's.
+
+  Raises:
+    StopRequested: a stop signal arrived; the checkpoint is on disk.
+    TrainingDivergedError: NaN/Inf metrics (nothing checkpointed after the
+      last good check, whether or not a stop was requested).
   """
   config = run.config
   rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)),
@@ -368,27 +453,43 @@ def run_steps(run: Run, state, step_jit: Callable, batches: Iterator[dict],
   first_pending = start
   t_last = time.time()
   try:
-    for step in range(start, stop):
-      batch = parallel.shard_batch(next(batches), run.mesh)
-      state, metrics = step_jit(state, batch, rng)
-      pending.append(metrics)
-      done = step + 1
-      log_now = done % config.log_every == 0 or done == stop
-      ckpt_now = done % config.checkpoint_every == 0 or done == stop
-      if log_now or ckpt_now:
-        host = jax.device_get(pending)
-        stacked = {k: np.stack([m[k] for m in host]) for k in host[0]}
-        _check_finite(stacked, first_pending, done, run)
-        means = {f"{prefix}/{k}": float(np.mean(v))
-                 for k, v in stacked.items()}
-        now = time.time()
-        means[f"{prefix}/steps_per_s"] = len(pending) / max(now - t_last, 1e-9)
-        t_last = now
-        run.writer.write_scalars(done, means)
-        progress.update(len(pending), loss=f"{means[prefix + '/loss']:.4f}")
-        pending, first_pending = [], done
-      if ckpt_now:
-        run.checkpointer.save(done, state)
+    with StopSignals() as signals:
+      for step in range(start, stop):
+        batch = parallel.shard_batch(next(batches), run.mesh)
+        state, metrics = step_jit(state, batch, rng)
+        pending.append(metrics)
+        done = step + 1
+        # Read the flag once: a signal arriving between the checks below
+        # must not give a stop without its checkpoint.
+        stop_signal = signals.requested
+        log_now = (done % config.log_every == 0 or done == stop
+                   or stop_signal is not None)
+        ckpt_now = (done % config.checkpoint_every == 0 or done == stop
+                    or stop_signal is not None)
+        if log_now or ckpt_now:
+          host = jax.device_get(pending)
+          stacked = {k: np.stack([m[k] for m in host]) for k in host[0]}
+          _check_finite(stacked, first_pending, done, run)
+          means = {f"{prefix}/{k}": float(np.mean(v))
+                   for k, v in stacked.items()}
+          now = time.time()
+          means[f"{prefix}/steps_per_s"] = (
+              len(pending) / max(now - t_last, 1e-9))
+          t_last = now
+          run.writer.write_scalars(done, means)
+          # Logged points reach disk now, so `tail -f metrics.jsonl` shows
+          # progress and a killed run loses none of them.
+          run.writer.flush()
+          progress.update(len(pending), loss=f"{means[prefix + '/loss']:.4f}")
+          pending, first_pending = [], done
+        if ckpt_now:
+          run.checkpointer.save(done, state)
+        if stop_signal is not None:
+          # Orbax writes asynchronously; "checkpoint saved" must be true
+          # before the process exits (a second signal still interrupts).
+          run.checkpointer.wait()
+          run.writer.flush()
+          raise StopRequested(stop_signal, done)
   finally:
     progress.close()
   run.writer.flush()

@@ -1,0 +1,181 @@
+"""Reliability of real CLI runs: bitwise determinism, SIGTERM stop and resume.
+
+Like ``test_end_to_end.py`` these start ``python -m experiments.source_only``
+in a subprocess on the tiny config, with one CPU device. Three runs in all:
+the reference run (shared via a module fixture), its same-seed twin, and one
+run stopped by SIGTERM and then resumed to completion.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 100
+# Enough steps after the first log (step 5) that SIGTERM lands mid-run; no
+# regular checkpoint before the end, so any earlier one is the stop's own.
+OVERRIDES = (f"--config.num_steps={NUM_STEPS}",
+             "--config.checkpoint_every=1000", "--config.log_every=5")
+
+
+def _command(workdir, cache_dir):
+  return [sys.executable, "-m", "experiments.source_only",
+          "--config=experiments/configs/source_only.py:tiny",
+          f"--config.source.data_dir={cache_dir}",
+          f"--config.target.data_dir={cache_dir}", *OVERRIDES,
+          f"--workdir={workdir}"]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
+  return env
+
+
+def _run(workdir, cache_dir):
+  proc = subprocess.run(_command(workdir, cache_dir), cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+  return proc
+
+
+def _checkpoint_steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def _saved_state(workdir, step):
+  """Every array of the checkpoint at ``step``: {tree path: np.ndarray}.
+
+  Restored without a target structure, so params, BN statistics, optimiser
+  moments and the step counter are all compared, not just the weights.
+  """
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    raw = manager.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    manager.close()
+  leaves = jax.tree_util.tree_flatten_with_path(raw)[0]
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def _assert_bitwise_equal(got, want):
+  assert sorted(got) == sorted(want)
+  assert any(v.size > 1000 for v in want.values())  # the weights are there
+  for name, w in want.items():
+    g = got[name]
+    assert g.dtype == w.dtype and g.shape == w.shape, name
+    # Bytes, not values: -0.0 vs 0.0 or different NaN payloads would count.
+    assert g.tobytes() == w.tobytes(), (
+        f"{name} differs; max |diff| {np.max(np.abs(g - w))}")
+
+
+def _summary_target(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)["target"]
+
+
+def _train_losses(workdir):
+  """{step: train/loss} from metrics.jsonl."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if "train/loss" in record:
+        out[record["step"]] = record["train/loss"]
+  return out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+  """Workdir of an uninterrupted run of the shared command."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  _run(workdir, cache_dir)
+  return workdir
+
+
+def test_same_seed_gives_bitwise_identical_runs(tmp_path, cache_dir,
+                                                reference):
+  twin = str(tmp_path / "twin")
+  _run(twin, cache_dir)
+  want = _summary_target(reference)
+  got = _summary_target(twin)
+  assert len(want["per_class_iou"]) >= 8
+  assert got["miou"] == want["miou"]
+  assert got["per_class_iou"] == want["per_class_iou"]
+  assert got["pixel_accuracy"] == want["pixel_accuracy"]
+  losses = _train_losses(reference)
+  assert sorted(losses) == list(range(5, NUM_STEPS + 1, 5))
+  assert _train_losses(twin) == losses
+  assert _checkpoint_steps(twin) == _checkpoint_steps(reference) == [
+      NUM_STEPS]
+  _assert_bitwise_equal(_saved_state(twin, NUM_STEPS),
+                        _saved_state(reference, NUM_STEPS))
+
+
+def test_sigterm_checkpoints_then_resume_matches_uninterrupted(
+    tmp_path, cache_dir, reference):
+  workdir = str(tmp_path / "stopped")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  command = _command(workdir, cache_dir)
+  # Files, not pipes: nobody reads a pipe while we poll, and a full one
+  # would block the child.
+  with open(tmp_path / "out.txt", "w") as out, \
+       open(tmp_path / "err.txt", "w") as err:
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=out,
+                            stderr=err, text=True)
+    try:
+      deadline = time.time() + 300
+      while not (os.path.exists(metrics)
+                 and "train/loss" in open(metrics).read()):
+        assert proc.poll() is None, "the run ended before its first log"
+        assert time.time() < deadline, "no training log after 300 s"
+        time.sleep(0.05)
+      proc.send_signal(signal.SIGTERM)
+      returncode = proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  stderr = (tmp_path / "err.txt").read_text()
+  assert returncode == 143, stderr
+  assert "Traceback" not in stderr
+  found = re.findall(r"stopped by SIGTERM at step (\d+); checkpoint saved;"
+                     r" rerun the same command to resume", stderr)
+  assert len(found) == 1, stderr
+  stopped_at = int(found[0])
+  # Only the stop's checkpoint: after the first log, before the end, not on
+  # the checkpoint_every grid.
+  assert _checkpoint_steps(workdir) == [stopped_at]
+  assert 5 <= stopped_at < NUM_STEPS and stopped_at % 1000 != 0
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  # The pending metrics were NaN-checked and logged at the stop step.
+  losses = _train_losses(workdir)
+  assert max(losses) == stopped_at
+  ref_losses = _train_losses(reference)
+  for step in losses:
+    if step % 5 == 0:
+      assert losses[step] == ref_losses[step], step
+
+  proc = _run(workdir, cache_dir)
+  assert f"Resuming from checkpoint step {stopped_at}" in proc.stdout
+  assert _checkpoint_steps(workdir)[-1] == NUM_STEPS
+  _assert_bitwise_equal(_saved_state(workdir, NUM_STEPS),
+                        _saved_state(reference, NUM_STEPS))
+  assert _summary_target(workdir) == _summary_target(reference)
