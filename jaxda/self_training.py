@@ -135,7 +135,7 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   for probs, mask in _probs_batches(run, state, images, predict_jit):
     cbst = pl.select(probs, lam)
     dense = cbst
-    if st.voting and phase == 1:
+    if st.voting and (phase == 1 or st.phase2_hard_labels == "voted"):
       dense = pl.densify(probs, cbst, lam, window=st.window, alpha=st.alpha,
                          num_iters=st.num_iters, pooling=st.pooling,
                          combine=st.combine, top_k=st.top_k)
@@ -170,8 +170,19 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
                                             st.easy_fraction))
     full = np.concatenate(full).astype(np.uint8)
     full_w = np.concatenate(full_w).astype(np.float32)
-    labels = np.where(is_easy[:, None, None], full, IGNORE).astype(np.uint8)
-    weights = np.where(is_easy[:, None, None], full_w, 0.0).astype(np.float32)
+    if st.phase2_hard_labels == "voted":
+      # Hard images keep the phase-1 (CBST + voting) labels besides the
+      # adversarial term; 'none' leaves them to the adversary alone.
+      hard_labels, hard_w = after, (after != IGNORE).astype(np.float32)
+    elif st.phase2_hard_labels == "none":
+      hard_labels = np.full_like(after, IGNORE)
+      hard_w = np.zeros(after.shape, np.float32)
+    else:
+      raise ValueError("self_training.phase2_hard_labels must be 'none' or"
+                       f" 'voted', got {st.phase2_hard_labels!r}")
+    easy3 = is_easy[:, None, None]
+    labels = np.where(easy3, full, hard_labels).astype(np.uint8)
+    weights = np.where(easy3, full_w, hard_w).astype(np.float32)
     after = labels
     diag.update(num_easy=int(is_easy.sum()), num_hard=int((~is_easy).sum()),
                 confidence_easy_min=float(conf[is_easy].min()) if

@@ -122,9 +122,9 @@ def make_phase2_step(models: base.Models, config, tx, disc_tx):
     thresholds = tgt["thresholds"][0]
     easy = tgt["is_easy"]
     hard = jnp.logical_not(easy)
-    # Hard images carry no labels into the self-training term.
-    weights = tgt["pl_weight"] * easy[:, None, None].astype(jnp.float32)
-    labels = jnp.where(easy[:, None, None], labels, 255)
+    # Easy images carry full labels weighted by (p/λ)^γ; hard images carry
+    # what the driver gave them (none, or the phase-1 voted labels).
+    weights = tgt["pl_weight"]
 
     def loss_fn(params):
       metrics = {}
