@@ -59,42 +59,53 @@ def _source_term(models, config, params, stats, src, weight):
   return weight * seg, dict(metrics, seg_loss=seg), stats
 
 
+def _self_training_loss(models, config, params, batch_stats, src, tgt, *,
+                        source_weight, kind, mrkld_weight, prefix):
+  """Source CE + pseudo-label term (+ MRKLD) over every output level.
+
+  Returns:
+    ``(total, metrics, batch_stats, target_logits)``.
+  """
+  st = config.self_training
+  lambda_aux = config.loss.lambda_seg_aux
+  labels = tgt["pl_label"].astype(jnp.int32)
+  thresholds = tgt["thresholds"][0]
+  metrics, total = {}, 0.0
+  if source_weight:
+    total, metrics, batch_stats = _source_term(models, config, params,
+                                               batch_stats, src, source_weight)
+  logits_t, batch_stats = base.target_pass(
+      models, params, batch_stats, tgt["image"], bn_mode=config.model.bn_mode,
+      align_corners=config.model.upsample_align_corners)
+  for level, logit in logits_t.items():
+    w = 1.0 if level == "main" else lambda_aux
+    term = _target_term(
+        logit, labels, thresholds, tgt["pl_weight"], kind=kind, beta=st.beta,
+        stop_gradient_prediction=st.stop_gradient_prediction)
+    metrics[f"{prefix}_{level}"] = term
+    total = total + st.target_weight * w * term
+    if mrkld_weight:
+      reg = losses.mrkld_loss(logits=logit, mask=labels != 255)
+      metrics[f"mrkld_{level}"] = reg
+      total = total + mrkld_weight * w * reg
+  return total, metrics, batch_stats, logits_t
+
+
 def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
   """CBST/CRST/TPLD phase-1 step (no discriminator update)."""
   del disc_tx
   st = config.self_training
-  bn_mode = config.model.bn_mode
-  align = config.model.upsample_align_corners
-  lambda_aux = config.loss.lambda_seg_aux
 
   def step(state, batch, rng):
     del rng
     src, tgt = batch["source"], batch["target"]
-    labels = tgt["pl_label"].astype(jnp.int32)
-    thresholds = tgt["thresholds"][0]
-    labelled = labels != 255
+    labelled = tgt["pl_label"] != 255
 
     def loss_fn(params):
-      metrics = {}
-      stats = state.batch_stats
-      total = 0.0
-      if st.source_weight:
-        total, metrics, stats = _source_term(models, config, params, stats, src,
-                                             st.source_weight)
-      logits_t, stats = base.target_pass(models, params, stats, tgt["image"],
-                                         bn_mode=bn_mode, align_corners=align)
-      for level, logit in logits_t.items():
-        w = 1.0 if level == "main" else lambda_aux
-        term = _target_term(
-            logit, labels, thresholds, tgt["pl_weight"], kind=st.target_loss,
-            beta=st.beta,
-            stop_gradient_prediction=st.stop_gradient_prediction)
-        metrics[f"target_{level}"] = term
-        total = total + st.target_weight * w * term
-        if st.mrkld_weight:
-          reg = losses.mrkld_loss(logits=logit, mask=labelled)
-          metrics[f"mrkld_{level}"] = reg
-          total = total + st.mrkld_weight * w * reg
+      total, metrics, stats, _ = _self_training_loss(
+          models, config, params, state.batch_stats, src, tgt,
+          source_weight=st.source_weight, kind=st.target_loss,
+          mrkld_weight=st.mrkld_weight, prefix="target")
       metrics["pl_density"] = jnp.mean(labelled.astype(jnp.float32))
       return total, (stats, metrics)
 
@@ -110,39 +121,21 @@ def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
 def make_phase2_step(models: base.Models, config, tx, disc_tx):
   """TPLD phase-2 step: easy full labels + hard→easy adversarial."""
   st = config.self_training
-  bn_mode = config.model.bn_mode
-  align = config.model.upsample_align_corners
-  lambda_aux = config.loss.lambda_seg_aux
   disc = models.discriminator
 
   def step(state, batch, rng):
     del rng
     src, tgt = batch["source"], batch["target"]
-    labels = tgt["pl_label"].astype(jnp.int32)
-    thresholds = tgt["thresholds"][0]
     easy = tgt["is_easy"]
     hard = jnp.logical_not(easy)
-    # Easy images carry full labels weighted by (p/λ)^γ; hard images carry
-    # what the driver gave them (none, or the phase-1 voted labels).
-    weights = tgt["pl_weight"]
 
     def loss_fn(params):
-      metrics = {}
-      stats = state.batch_stats
-      total = 0.0
-      if st.phase2_source_weight:
-        total, metrics, stats = _source_term(models, config, params, stats, src,
-                                             st.phase2_source_weight)
-      logits_t, stats = base.target_pass(models, params, stats, tgt["image"],
-                                         bn_mode=bn_mode, align_corners=align)
-      for level, logit in logits_t.items():
-        w = 1.0 if level == "main" else lambda_aux
-        term = _target_term(
-            logit, labels, thresholds, weights, kind="bootstrap",
-            beta=st.beta,
-            stop_gradient_prediction=st.stop_gradient_prediction)
-        metrics[f"easy_{level}"] = term
-        total = total + st.target_weight * w * term
+      # Easy images carry full labels weighted by (p/λ)^γ; hard images carry
+      # what the driver gave them (none, or the phase-1 voted labels).
+      total, metrics, stats, logits_t = _self_training_loss(
+          models, config, params, state.batch_stats, src, tgt,
+          source_weight=st.phase2_source_weight, kind="bootstrap",
+          mrkld_weight=0.0, prefix="easy")
       ent = losses.weighted_self_information(
           jax.nn.softmax(logits_t["main"], axis=-1))
       d_out = disc.apply({"params": state.disc_params["main"]}, ent)
