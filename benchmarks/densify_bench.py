@@ -9,9 +9,11 @@ batch; the exact form then holds ~50 MB of confidences, the histogram 156 kB):
 
   python -m benchmarks.densify_bench --out DIR --maps 100
 
-Part 1 times `jaxda.pseudo_labels.densify` (jitted; per iteration one
-separable pair of `reduce_window`s over all classes of the whole batch)
-against NumPy implementations of the same rule, written here, all in
+Part 1 times `jaxda.pseudo_labels.densify` (jitted) in its default
+implementation (`--impl auto`: 'shifted', the candidate-only window sum,
+for small windows and top_k) as `jax_kernel`, beside the other one
+('reduce_window': per iteration one separable pair of `reduce_window`s over
+all classes of the whole batch), against NumPy implementations of the same rule, written here, all in
 float32, with their labels compared:
 
 * `numpy_vectorized` (the reference): all classes and images at once,
@@ -19,8 +21,9 @@ float32, with their labels compared:
   window as zero padding + window² shifted sums, candidate reads by
   `take_along_axis`. No Python loop over pixels or classes.
 * `numpy_same_algorithm`: NumPy given every algorithmic choice of the
-  kernel (top-k by k argmax passes, votes from a (label, own-ratio) map
-  pair in (B, C, H, W) class planes, separable shifted sums): how much of
+  timed kernel (top-k by k argmax passes, votes from a (label, own-ratio)
+  map pair; for 'reduce_window' (B, C, H, W) class planes and separable
+  shifted sums, for 'shifted' the candidate-only window sum): how much of
   the speed-up is XLA rather than the algorithm.
 * `numpy_class_loop` (skip with --skip-class-loop): pools one class plane
   at a time.
@@ -188,8 +191,32 @@ def _pool_planes_shifted(planes, window, pooling):
   return out
 
 
+def _pool_candidates_shifted(labels, own, cands, window, pooling):
+  """Candidate-only window pool: Σ/max over offsets of matching votes."""
+  half = window // 2
+  height, width = labels.shape[1:]
+  pad = [(0, 0), (half, half), (half, half)]
+  padded_labels = np.pad(labels, pad, constant_values=-1)
+  padded_own = np.pad(own, pad)
+  pooled = [np.zeros(labels.shape, np.float32) for _ in cands]
+  for dy in range(window):
+    for dx in range(window):
+      lab = padded_labels[:, dy:dy + height, dx:dx + width]
+      val = padded_own[:, dy:dy + height, dx:dx + width]
+      for out, k in zip(pooled, cands):
+        match = lab == k
+        vote = (match.astype(np.float32) if pooling == "count"
+                else np.where(match, val, np.float32(0)))
+        if pooling == "max":
+          np.maximum(out, vote, out=out)
+        else:
+          out += vote
+  return pooled
+
+
 def numpy_densify_same_algorithm(probs, labels, thresholds, *, window, alpha,
-                                 num_iters, pooling, combine, top_k):
+                                 num_iters, pooling, combine, top_k,
+                                 impl="reduce_window"):
   """The kernel's algorithm in NumPy (see the module docstring)."""
   r = probs / thresholds.astype(np.float32)
   num_classes = r.shape[-1]
@@ -210,13 +237,17 @@ def numpy_densify_same_algorithm(probs, labels, thresholds, *, window, alpha,
   h_idx = np.arange(height)[:, None]
   w_idx = np.arange(width)
   for _ in range(num_iters):
-    is_k = labels[:, None] == planes
-    votes = (is_k.astype(np.float32) if pooling == "count"
-             else np.where(is_k, own[:, None], np.float32(0)))
-    pooled = _pool_planes_shifted(votes, window, pooling)
+    if impl == "shifted":
+      pooled_cands = _pool_candidates_shifted(labels, own, cands, window,
+                                              pooling)
+    else:
+      is_k = labels[:, None] == planes
+      votes = (is_k.astype(np.float32) if pooling == "count"
+               else np.where(is_k, own[:, None], np.float32(0)))
+      pooled = _pool_planes_shifted(votes, window, pooling)
+      pooled_cands = [pooled[b_idx, k, h_idx, w_idx] for k in cands]
     best_c = best_s = best_r = None
-    for k, r_k in zip(cands, r_cands):
-      p_k = pooled[b_idx, k, h_idx, w_idx]
+    for k, r_k, p_k in zip(cands, r_cands, pooled_cands):
       if pooling in ("mean", "count"):
         p_k = p_k / np.float32(window * window)
       if combine == "convex":
@@ -281,21 +312,29 @@ def machine_info():
 # ---------------------------------------------------------------------------
 
 
-def kernel_traffic_bytes(shape, num_iters, top_k, window):
+def kernel_traffic_bytes(shape, num_iters, top_k, window,
+                         impl="reduce_window"):
   """Bytes `densify` streams per call (float32 / int32, 4 bytes each).
 
-  A model of the kernel for top_k <= 4 (argmax candidates). Prologue: `top_k` argmax/max passes over the (B, H, W, C) probabilities,
-  the own-label read, `2 top_k + 1` (B, H, W) maps written. Per iteration:
-  V written, two 1-D reduce_window passes (read + write each; none for
-  window 1), then the decision reads the label and own-ratio maps, the
-  candidate maps and one pooled value per candidate, and writes two maps.
+  A model of the kernel for top_k <= 4 (argmax candidates). Prologue:
+  `top_k` argmax/max passes over the (B, H, W, C) probabilities, the
+  own-label read, `2 top_k + 1` (B, H, W) maps written. Per iteration of
+  'reduce_window': V written, two 1-D reduce_window passes (read + write
+  each; none for window 1), then the decision reads the label and own-ratio
+  maps, the candidate maps and one pooled value per candidate, and writes
+  two maps. Per iteration of 'shifted': one fusion reads the (padded)
+  label and own-ratio maps (the window's offsets hit cache) and the
+  `2 top_k` candidate maps, and writes two maps.
   """
   full = 4 * int(np.prod(shape))
   plane = 4 * int(np.prod(shape[:-1]))
   prologue = top_k * full + 2 * plane + (2 * top_k + 1) * plane
-  passes = 2 if window > 1 else 0
-  per_iter = (full + passes * 2 * full
-              + (2 + 2 * top_k) * plane + top_k * plane + 2 * plane)
+  if impl == "shifted":
+    per_iter = (2 + 2 * top_k) * plane + 2 * plane
+  else:
+    passes = 2 if window > 1 else 0
+    per_iter = (full + passes * 2 * full
+                + (2 + 2 * top_k) * plane + top_k * plane + 2 * plane)
   return prologue + num_iters * per_iter
 
 
@@ -313,19 +352,28 @@ def bench_densify(args, copy_bw):
               pooling=args.pooling, combine=args.combine, top_k=args.top_k)
   thr_dev = jnp.asarray(thresholds)
   labels_dev = jnp.asarray(labels)
+  kernel_impl = args.impl
+  if kernel_impl == "auto":
+    kernel_impl = ("shifted" if args.window * args.top_k <= 2 * args.classes
+                   else "reduce_window")
   compiled = pseudo_labels.densify.lower(
-      probs_dev, labels_dev, thr_dev, **rule).compile()
+      probs_dev, labels_dev, thr_dev, impl=kernel_impl, **rule).compile()
   analysis = compiled.memory_analysis()
   temp_bytes = (int(analysis.temp_size_in_bytes) if analysis is not None
                 else None)
 
+  # "jax_kernel" is the implementation `densify` picks by default ('auto');
+  # the other JAX implementation is timed beside it.
+  other_impl = "reduce_window" if kernel_impl == "shifted" else "shifted"
   impls = {
       "jax_kernel": lambda: pseudo_labels.densify(
-          probs_dev, labels_dev, thr_dev, **rule),
+          probs_dev, labels_dev, thr_dev, impl=kernel_impl, **rule),
+      f"jax_{other_impl}": lambda: pseudo_labels.densify(
+          probs_dev, labels_dev, thr_dev, impl=other_impl, **rule),
       "numpy_vectorized": lambda: numpy_densify_vectorized(
           probs, labels, thresholds, **rule),
       "numpy_same_algorithm": lambda: numpy_densify_same_algorithm(
-          probs, labels, thresholds, **rule),
+          probs, labels, thresholds, impl=kernel_impl, **rule),
   }
   if not args.skip_class_loop:
     impls["numpy_class_loop"] = lambda: numpy_densify_class_loop(
@@ -359,7 +407,7 @@ def bench_densify(args, copy_bw):
   kernel = results["jax_kernel"]
   nominal = args.num_iters * (probs.nbytes + 2 * labels.size * 4)
   streamed = kernel_traffic_bytes(shape, args.num_iters, args.top_k,
-                                  args.window)
+                                  args.window, kernel_impl)
   for key, num_bytes in (("nominal", nominal), ("streamed", streamed)):
     kernel[f"{key}_bytes_per_call"] = num_bytes
     kernel[f"{key}_gb_per_s"] = num_bytes / kernel["median_s"] / 1e9
@@ -381,6 +429,7 @@ def bench_densify(args, copy_bw):
   return {
       "shape_bhwc": list(shape),
       "rule": rule,
+      "kernel_impl": kernel_impl,
       "density_before": float(np.mean(labels != IGNORE)),
       "density_after": float(np.mean(reference != IGNORE)),
       "mismatched_pixels_vs_numpy_vectorized": agreement,
@@ -533,6 +582,9 @@ def parse_args(argv=None):
   g.add_argument("--top-k", type=int, default=2)
   g.add_argument("--portion", type=float, default=0.2)
   g.add_argument("--skip-class-loop", action="store_true")
+  g.add_argument("--impl", default="auto",
+                 choices=["auto", "reduce_window", "shifted"],
+                 help="densify implementation timed as jax_kernel")
   g = parser.add_argument_group("thresholds (part 2)")
   g.add_argument("--maps", type=int, default=8,
                  help="number of maps (paper scale: 100 or more)")
@@ -553,7 +605,8 @@ def _print_report(report):
         f"{report['machine']['cpus_usable']} usable cores, backend "
         f"{report['machine']['backend']}, jax {report['machine']['jax']}")
   print(f"copy bandwidth (read+write): {report['copy_gb_per_s']:.2f} GB/s")
-  print(f"\n(1) densify {d['shape_bhwc']} (B,H,W,C), {d['rule']}")
+  print(f"\n(1) densify {d['shape_bhwc']} (B,H,W,C), {d['rule']}, "
+        f"jax_kernel = impl {d['kernel_impl']!r}")
   print(f"    density {d['density_before']:.3f} -> {d['density_after']:.3f};"
         f" identical labels: {d['identical']} "
         f"{d['mismatched_pixels_vs_numpy_vectorized']}")

@@ -205,15 +205,19 @@ def _densify_x64(probs, labels, thr, **kwargs):
     return np.asarray(out)
 
 
+_IMPLS = ["reduce_window", "shifted"]
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
 @pytest.mark.parametrize("combine", ["convex", "additive"])
 @pytest.mark.parametrize("pooling", ["sum", "mean", "max", "count"])
 @pytest.mark.parametrize("window", [1, 3, 5])
-def test_densify_matches_reference_x64(window, pooling, combine):
+def test_densify_matches_reference_x64(window, pooling, combine, impl):
   probs, thr, labels = _densify_case(seed=window)
   alpha = 0.7 if combine == "convex" else 0.45
   kwargs = dict(window=window, alpha=alpha, num_iters=2, pooling=pooling,
                 combine=combine, top_k=2)
-  got = _densify_x64(probs, labels, thr, **kwargs)
+  got = _densify_x64(probs, labels, thr, impl=impl, **kwargs)
   want, _ = np_densify(probs, labels, thr, **kwargs)
   np.testing.assert_array_equal(got, want)
   changed = int(np.sum(want != labels))
@@ -226,15 +230,41 @@ def test_densify_matches_reference_x64(window, pooling, combine):
     assert changed > 0  # the case must exercise the voting rule
 
 
+@pytest.mark.parametrize("impl", _IMPLS)
 @pytest.mark.parametrize("top_k", [1, 3, 5])
 @pytest.mark.parametrize("num_iters", [1, 4])
-def test_densify_top_k_and_iterations_x64(top_k, num_iters):
+def test_densify_top_k_and_iterations_x64(top_k, num_iters, impl):
   probs, thr, labels = _densify_case(seed=7)
   kwargs = dict(window=3, alpha=0.6, num_iters=num_iters, pooling="sum",
                 combine="convex", top_k=top_k)
   want, _ = np_densify(probs, labels, thr, **kwargs)
   np.testing.assert_array_equal(
-      _densify_x64(probs, labels, thr, **kwargs), want)
+      _densify_x64(probs, labels, thr, impl=impl, **kwargs), want)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "max", "count"])
+def test_densify_impls_agree_float32_on_a_large_batch(pooling):
+  # Same labels from both implementations at a size where borders are a
+  # small part of the image (the benchmark's regime), in float32.
+  probs = blocky_probs(5, 2, 40, 56, 7).astype(np.float32)
+  thr = np.random.default_rng(5).uniform(0.3, 0.9, 7).astype(np.float32)
+  labels = np_select(probs, thr)
+  # Additive: with convex 'count' a CBST selection can never fire
+  # (s <= α r + 1 - α < 1 for an unselected pixel).
+  kwargs = dict(window=5, alpha=0.3, num_iters=3, pooling=pooling,
+                combine="additive", top_k=3)
+  a, b = (np.asarray(pl.densify(jnp.asarray(probs), jnp.asarray(labels),
+                                jnp.asarray(thr), impl=impl, **kwargs))
+          for impl in _IMPLS)
+  np.testing.assert_array_equal(a, b)
+  assert np.sum(a != labels) > 0
+
+
+def test_densify_rejects_unknown_impl():
+  probs, thr, labels = _densify_case(seed=2)
+  with pytest.raises(ValueError, match="impl"):
+    pl.densify(jnp.asarray(probs), jnp.asarray(labels), jnp.asarray(thr),
+               impl="fft")
 
 
 def test_densify_float32_matches_reference_with_margin():
