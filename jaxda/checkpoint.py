@@ -112,8 +112,17 @@ class Checkpointer:
         f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous writes are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous writes are on disk.
+
+    Raises:
+      CheckpointError: an asynchronous write failed (e.g. disk full).
+    """
+    try:
+      self._manager.wait_until_finished()
+    except OSError as e:
+      raise CheckpointError(
+          f"writing a checkpoint to {self.directory} failed ({e}); earlier"
+          " checkpoints are intact; free disk space and rerun to resume") from e
 
   def close(self) -> None:
     self._manager.wait_until_finished()

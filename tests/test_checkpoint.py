@@ -101,3 +101,62 @@ def test_load_weights_reads_params_of_another_run(tmp_path):
   np.testing.assert_array_equal(weights["params"]["w"], 3.0)
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
     checkpoint.load_weights(str(tmp_path / "missing"))
+
+
+def test_disk_full_while_saving_is_clear_and_keeps_previous(tmp_path,
+                                                            monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / "c")
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)
+  ckpt.save(1, _state(1.0))
+  ckpt.wait()
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  # Simulated ENOSPC from the storage layer, synchronously and from the
+  # asynchronous commit.
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="No space left.*earlier checkpoints are intact"):
+    ckpt.save(2, _state(2.0))
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
+                      full_disk)
+  with pytest.raises(checkpoint.CheckpointError, match="free disk space"):
+    ckpt.wait()
+  monkeypatch.undo()
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)
+  restored, step = ckpt.restore(_state(0.0))
+  assert step == 1
+  np.testing.assert_array_equal(restored.params["w"], 1.0)
+  ckpt.close()
+
+
+def test_write_killed_midway_leaves_previous_checkpoint_in_use(tmp_path):
+  # SIGKILL during a save leaves Orbax's temporary directory (the atomic
+  # rename to "<step>" never happened) with partial files in it.
+  directory = str(tmp_path / "c")
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)
+  ckpt.save(4, _state(4.0))
+  ckpt.close()
+  partial = os.path.join(directory, "8.orbax-checkpoint-tmp-1795000000000")
+  shutil.copytree(os.path.join(directory, "4"), partial)
+  for root, _, files in os.walk(partial):
+    for name in files[: len(files) // 2 + 1]:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\0partial")
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=3)
+  assert ckpt.latest_step() == 4
+  restored, step = ckpt.restore(_state(0.0))
+  assert step == 4
+  np.testing.assert_array_equal(restored.params["w"], 4.0)
+  # The next save of that step succeeds despite the leftover.
+  ckpt.save(8, _state(8.0))
+  ckpt.wait()
+  assert ckpt.all_steps() == [4, 8]
+  restored, step = ckpt.restore(_state(0.0))
+  assert step == 8
+  np.testing.assert_array_equal(restored.params["w"], 8.0)
+  ckpt.close()

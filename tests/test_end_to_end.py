@@ -14,9 +14,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(module, *args, cache_dir, check=True):
+def _run(module, *args, cache_dir, check=True, xla_flags=None):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
   # --config must come before its overrides.
   config = [a for a in args if a.startswith("--config=")]
   rest = [a for a in args if not a.startswith("--config=")]
@@ -154,3 +156,51 @@ def test_folder_layout_for_both_domains(tmp_path, cache_dir):
        f"--config.target.data_dir={root / 'target'}", cache_dir=cache_dir)
   summary = _check_summary(str(workdir), "adaptsegnet", 4)
   assert summary["target"]["num_images"] == 4
+
+
+_TINY = "--config=experiments/configs/source_only.py:tiny"
+
+
+def _assert_one_line_error(proc, *needles):
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines()
+           if l.startswith("error:")]
+  assert len(lines) == 1, proc.stderr
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+def test_wrong_config_value_type_is_one_line_error(tmp_path, cache_dir):
+  proc = _run("source_only", _TINY, f"--workdir={tmp_path}",
+              "--config.batch_size=eight", cache_dir=cache_dir, check=False)
+  _assert_one_line_error(proc, "batch_size", "eight")
+
+
+def test_batch_not_divisible_by_devices_is_one_line_error(tmp_path,
+                                                          cache_dir):
+  proc = _run("source_only", _TINY, f"--workdir={tmp_path}",
+              "--config.batch_size=3", "--config.num_devices=2",
+              cache_dir=cache_dir, check=False,
+              xla_flags="--xla_force_host_platform_device_count=2")
+  _assert_one_line_error(proc, "batch size 3", "multiple of 2")
+
+
+def test_missing_init_checkpoint_is_one_line_error(tmp_path, cache_dir):
+  proc = _run("source_only", _TINY, f"--workdir={tmp_path / 'w'}",
+              f"--config.model.init_checkpoint={tmp_path / 'no_such_run'}",
+              cache_dir=cache_dir, check=False)
+  _assert_one_line_error(proc, "no_such_run", "does not exist")
+
+
+def test_weights_of_another_architecture_are_one_line_error(tmp_path,
+                                                            cache_dir):
+  donor = tmp_path / "donor"
+  _run("source_only", _TINY, f"--workdir={donor}", cache_dir=cache_dir)
+  before = sorted(os.listdir(donor / "checkpoints"))
+  proc = _run("source_only", _TINY, f"--workdir={tmp_path / 'w2'}",
+              f"--config.model.init_checkpoint={donor}",
+              "--config.model.name=deeplabv2_resnet50",
+              cache_dir=cache_dir, check=False)
+  _assert_one_line_error(proc, str(donor), "has shape", "the model expects")
+  assert sorted(os.listdir(donor / "checkpoints")) == before
