@@ -1,4 +1,4 @@
-"""Reliability of real CLI runs: bitwise determinism, SIGTERM stop and resume.
+"""Reliability of real CLI runs: determinism, SIGTERM/SIGKILL and resume.
 
 Like ``test_end_to_end.py`` these start ``python -m experiments.source_only``
 in a subprocess on the tiny config, with one CPU device. Three runs in all:
@@ -8,7 +8,9 @@ run stopped by SIGTERM and then resumed to completion.
 
 import json
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,3 +181,101 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted(
   _assert_bitwise_equal(_saved_state(workdir, NUM_STEPS),
                         _saved_state(reference, NUM_STEPS))
   assert _summary_target(workdir) == _summary_target(reference)
+
+
+# ---------------------------------------------------------------------------
+# SIGKILL: no chance to checkpoint; resume from the last periodic checkpoint
+# ---------------------------------------------------------------------------
+
+
+def _kill_when(command, ready, tmp_path, *, extra_delay_s):
+  """Starts ``command``, SIGKILLs it ``extra_delay_s`` after ``ready()``."""
+  with open(tmp_path / "kill_out.txt", "w") as out, \
+       open(tmp_path / "kill_err.txt", "w") as err:
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=out,
+                            stderr=err, text=True)
+    try:
+      deadline = time.time() + 400
+      while not ready():
+        assert proc.poll() is None, (tmp_path / "kill_err.txt").read_text()
+        assert time.time() < deadline, "the run never got ready to be killed"
+        time.sleep(0.02)
+      time.sleep(extra_delay_s)
+      proc.send_signal(signal.SIGKILL)
+      returncode = proc.wait(timeout=60)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return returncode
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(
+    tmp_path, cache_dir, reference):
+  workdir = str(tmp_path / "killed")
+  # Checkpoints every 7 steps; the kill lands anywhere after the second,
+  # often mid-write of a later one (Orbax commits by an atomic rename).
+  command = _command(workdir, cache_dir) + ["--config.checkpoint_every=7"]
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ready = lambda: os.path.isdir(ckpt_dir) and any(
+      d.isdigit() and int(d) >= 14 for d in os.listdir(ckpt_dir))
+  delay = random.Random().uniform(0.0, 0.5)
+  returncode = _kill_when(command, ready, tmp_path, extra_delay_s=delay)
+  assert returncode == -signal.SIGKILL
+  killed_at = _checkpoint_steps(workdir)[-1]
+  if killed_at == NUM_STEPS:
+    pytest.skip("the run finished before the kill landed")
+  proc = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert re.search(r"Resuming from checkpoint step (\d+)", proc.stdout)
+  resumed = int(re.search(r"Resuming from checkpoint step (\d+)",
+                          proc.stdout).group(1))
+  assert 14 <= resumed < NUM_STEPS and resumed % 7 == 0
+  _assert_bitwise_equal(_saved_state(workdir, NUM_STEPS),
+                        _saved_state(reference, NUM_STEPS))
+  assert _summary_target(workdir) == _summary_target(reference)
+
+
+def _tpld_command(workdir, cache_dir):
+  return [sys.executable, "-m", "experiments.tpld",
+          "--config=experiments/configs/tpld.py:tiny",
+          f"--config.source.data_dir={cache_dir}",
+          f"--config.target.data_dir={cache_dir}",
+          "--config.num_steps=24", "--config.checkpoint_every=5",
+          "--config.log_every=4", f"--workdir={workdir}"]
+
+
+def test_sigkill_across_a_tpld_round_boundary_resumes_exactly(
+    tmp_path, cache_dir):
+  ref = str(tmp_path / "tpld_ref")
+  proc = subprocess.run(_tpld_command(ref, cache_dir), cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  workdir = str(tmp_path / "tpld_killed")
+  # Reuse the reference's base model: the kill must hit the rounds.
+  shutil.copytree(os.path.join(ref, "base_source_only"),
+              os.path.join(workdir, "base_source_only"))
+  round1 = os.path.join(workdir, "pseudo_labels", "round_1.npz")
+  # Round 0 ends at step 12 (checkpointed at 10 and at the round end);
+  # the kill lands just after round 1's labels were written.
+  returncode = _kill_when(_tpld_command(workdir, cache_dir),
+                          lambda: os.path.exists(round1), tmp_path,
+                          extra_delay_s=0.2)
+  assert returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  proc = subprocess.run(_tpld_command(workdir, cache_dir), cwd=ROOT,
+                        env=_env(), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert "Resuming from checkpoint step" in proc.stdout
+  final = _checkpoint_steps(ref)[-1]
+  assert final == 24 and _checkpoint_steps(workdir)[-1] == final
+  _assert_bitwise_equal(_saved_state(workdir, final),
+                        _saved_state(ref, final))
+  assert _summary_target(workdir) == _summary_target(ref)
+  with open(os.path.join(ref, "rounds.json")) as f:
+    want = json.load(f)
+  with open(os.path.join(workdir, "rounds.json")) as f:
+    got = json.load(f)
+  assert got == want and len(got) == 2
