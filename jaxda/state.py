@@ -47,6 +47,20 @@ class TrainState:
     )
 
 
+@flax.struct.dataclass
+class FrozenSourceTrainState(TrainState):
+  """``TrainState`` plus a frozen source model (DAM / GAM).
+
+  A subclass rather than a new ``TrainState`` field, so the other methods'
+  pytrees and their existing checkpoints are unchanged.
+
+  Attributes:
+    source: ``{'params', 'batch_stats'}`` of the frozen source network; no
+      optimiser sees it and steps read it under ``stop_gradient``.
+  """
+  source: Any = flax.struct.field(default_factory=dict)
+
+
 def all_finite(tree: Any) -> jax.Array:
   """Scalar bool: every floating leaf of ``tree`` is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)

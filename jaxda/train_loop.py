@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from jaxda import checkpoint as checkpoint_lib
+from jaxda import classification_run
 from jaxda import evaluation
 from jaxda import models as models_lib
 from jaxda import optim
@@ -114,6 +115,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   def need(cond, msg):
     if not cond:
       raise ConfigError(msg)
+  need(classification_run.task(config) in classification_run.TASKS,
+       f"config.task must be one of {classification_run.TASKS}")
+  if classification_run.is_classification(config):
+    for problem in classification_run.config_problems(config):
+      raise ConfigError(problem)
+    return
+  need(config.method not in classification_run.CLASSIFICATION_METHODS,
+       f"{config.method!r} is a classification method: use its config"
+       " (config.task = 'classification')")
   need(config.num_steps >= 0, "config.num_steps must be >= 0")
   need(config.batch_size >= 1, "config.batch_size must be >= 1")
   need(config.model.bn_mode in base.BN_MODES,
@@ -176,9 +186,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(
       None if config.num_devices in (-1, None) else config.num_devices)
-  parallel.check_batch_size(config.batch_size, mesh)
+  try:
+    parallel.check_batch_size(config.batch_size, mesh)
+  except ValueError as e:  # A config mistake, reported in one line.
+    raise ConfigError(str(e)) from None
   data = load_data(config, method)
   class_names = tuple(data["target_val"].class_names)
+  if classification_run.is_classification(config):
+    # Same loop; only the models and optimisers differ.
+    return _make_run(config, workdir, mesh, method, data, class_names,
+                     **classification_run.build(config, method,
+                                                len(class_names)))
   segmenter = models_lib.create_segmenter(
       config.model.name, len(class_names),
       multi_level=config.model.multi_level,
@@ -201,12 +219,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       head_regexes=(models_lib.head_param_regex,),
       head_lr_mult=config.optim.head_lr_mult, frozen_regexes=frozen,
       optimizer=config.optim.optimizer)
+  return _make_run(config, workdir, mesh, method, data, class_names,
+                   models=base.Models(segmenter, disc), tx=tx,
+                   labels_fn=labels_fn, disc_tx=disc_tx)
+
+
+def _make_run(config, workdir, mesh, method, data, class_names, *, models,
+              tx, labels_fn, disc_tx) -> Run:
+  """Adds the writer and checkpointer (shared by every task)."""
   writer = writers.MetricWriter(workdir, enabled=parallel.is_main_process())
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.max_checkpoints)
   return Run(config=config, workdir=workdir, mesh=mesh, method=method,
-             models=base.Models(segmenter, disc), data=data,
+             models=models, data=data,
              class_names=class_names, writer=writer,
              checkpointer=checkpointer, tx=tx, labels_fn=labels_fn,
              disc_tx=disc_tx, start_time=time.time())
@@ -242,6 +268,12 @@ def create_state(run: Run) -> state_lib.TrainState:
   seg_key, disc_key = jax.random.split(key)
 
   def init():
+    if classification_run.is_classification(config):
+      params, stats, disc_params = classification_run.init_variables(
+          run.models, config, key)
+      return state_lib.TrainState.create(
+          params=params, batch_stats=stats, tx=run.tx,
+          disc_params=disc_params, disc_tx=run.disc_tx)
     variables = run.models.segmenter.init(
         seg_key, jnp.zeros((1, h, w, 3), jnp.float32))
     disc_params = {}
@@ -521,7 +553,13 @@ def _eval_batch_size(run: Run) -> int:
 
 def evaluate_target(run: Run, state, step: int, *,
                     prefix: str = "target") -> dict[str, Any]:
-  """mIoU etc. of the current model on the target val split (last iterate)."""
+  """mIoU etc. of the current model on the target val split (last iterate).
+
+  Classification: accuracy etc. (``classification_run.evaluate_target``).
+  """
+  if classification_run.is_classification(run.config):
+    return classification_run.evaluate_target(run, state, step,
+                                              prefix=prefix)
   predict = evaluation.make_predict_fn(
       run.models, bn_mode=run.config.model.bn_mode,
       align_corners=run.config.model.upsample_align_corners)
@@ -560,6 +598,8 @@ def predict_labels(run: Run, state, images_uint8: np.ndarray,
 def save_pictures(run: Run, state, result: dict[str, Any], *,
                   tag: str = "") -> dict[str, str]:
   """Target overlays, training curves and the confusion matrix (PNG)."""
+  if classification_run.is_classification(run.config):
+    return classification_run.save_pictures(run, state, result, tag=tag)
   if not run.is_main:
     return {}
   cfg = run.config
@@ -597,8 +637,15 @@ def finish(run: Run, state, result: dict[str, Any], *,
   """Pictures, ``summary.json`` and the closing printout."""
   pictures = save_pictures(run, state, result)
   run.checkpointer.wait()
-  target = {k: result[k] for k in ("miou", "pixel_accuracy", "per_class_iou",
-                                   "num_images")}
+  if classification_run.is_classification(run.config):
+    target = classification_run.summary_target(result)
+    table, headline = classification_run.report(result)
+  else:
+    target = {k: result[k] for k in ("miou", "pixel_accuracy",
+                                     "per_class_iou", "num_images")}
+    table = evaluation.format_iou_table(result)
+    headline = (f"target mIoU {100 * result['miou']:.2f}% (pixel acc."
+                f" {100 * result['pixel_accuracy']:.2f}%)")
   summary = {
       "method": run.config.method,
       "seed": int(run.config.seed),
@@ -625,10 +672,9 @@ def finish(run: Run, state, result: dict[str, Any], *,
     with open(tmp, "w") as f:
       json.dump(summary, f, indent=2, default=str)
     os.replace(tmp, run.path("summary.json"))
-    run.log("\n" + evaluation.format_iou_table(result))
+    run.log("\n" + table)
     run.log(
-        f"\n{run.config.method}: target mIoU {100 * result['miou']:.2f}%"
-        f" (pixel acc. {100 * result['pixel_accuracy']:.2f}%) after"
+        f"\n{run.config.method}: {headline} after"
         f" {run.config.num_steps} steps, {summary['wall_time_s']:.0f} s\n"
         f"  summary     {run.path('summary.json')}\n"
         f"  checkpoints {run.checkpointer.directory}\n"

@@ -20,12 +20,13 @@ import os
 
 import numpy as np
 
+from jaxda.data import digits
 from jaxda.data import errors
 from jaxda.data import folder
 from jaxda.data import synthetic
 
 DataError = errors.DataError  # Re-exported for callers of this module.
-DOMAIN_NAMES = ('synthetic', 'folder')
+DOMAIN_NAMES = ('synthetic', 'folder') + digits.DOMAINS
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'jaxda')
 # Synthetic defaults when height / width / num_images are not given.
 SYNTHETIC_SIZE = (64, 128)
@@ -47,7 +48,8 @@ class Domain:
 
   Attributes:
     images: uint8 (N, H, W, 3) RGB.
-    labels: uint8 (N, H, W) class ids (255 = ignore), or None.
+    labels: uint8 (N, H, W) class ids (255 = ignore), or None; for the
+      classification domains (`digits.DOMAINS`) uint8 (N,) image labels.
     class_names: tuple of C class names.
   """
   images: np.ndarray
@@ -103,6 +105,14 @@ def load_domain(name, *, role=None, data_dir=None, split='train',
         cache_dir, role, split, num_images=num_images, height=height,
         width=width, seed=seed)
     return Domain(images, labels, synthetic.CLASS_NAMES)
+  if name in digits.DOMAINS:
+    # Classification: (N,) labels; images at (height, width), 28x28 default.
+    cache_dir = DEFAULT_CACHE_DIR if data_dir is None else data_dir
+    images, labels = digits.load_or_generate(
+        cache_dir, name, split, height=height or digits.CANONICAL_SIZE,
+        width=width or digits.CANONICAL_SIZE, seed=seed,
+        num_images=num_images)
+    return Domain(images, labels, digits.CLASS_NAMES)
   if name == 'folder':
     if data_dir is None:
       who = f'the {role} domain' if role else 'loader "folder"'
@@ -113,6 +123,38 @@ def load_domain(name, *, role=None, data_dir=None, split='train',
     return Domain(data.images, data.labels, data.class_names)
   raise errors.DataError(f'unknown domain loader {name!r}: use one of '
                          f'{DOMAIN_NAMES}')
+
+
+def load_depth(name, *, role=None, data_dir=None, split='train', height=None,
+               width=None, num_images=None, seed=0):
+  """Per-pixel depth of a domain split, aligned with `load_domain`'s images.
+
+  The second dense task of the embedded benchmark (anchor-task methods):
+  same arguments as `load_domain`, and row i is the depth of image i.
+
+  Returns:
+    float32 (N, H, W) depth in camera heights, 0 = invalid (sky, beyond
+    range).
+
+  Raises:
+    DataError: the loader has no depth (only 'synthetic' has).
+  """
+  if name != 'synthetic':
+    raise errors.DataError(
+        f'loader {name!r} has no depth maps; the anchor-task methods need a '
+        'main dense task: use the embedded "synthetic" benchmark')
+  if role not in synthetic.DOMAINS or split not in synthetic.SPLITS:
+    raise errors.DataError(
+        f'synthetic depth needs role in {synthetic.DOMAINS} and split in '
+        f'{synthetic.SPLITS}, got {role!r}, {split!r}')
+  height = SYNTHETIC_SIZE[0] if height is None else height
+  width = SYNTHETIC_SIZE[1] if width is None else width
+  if num_images is None:
+    num_images = SYNTHETIC_NUM_IMAGES[split]
+  cache_dir = DEFAULT_CACHE_DIR if data_dir is None else data_dir
+  return synthetic.load_or_generate_depth(
+      cache_dir, role, split, num_images=num_images, height=height,
+      width=width, seed=seed)
 
 
 def normalize(images, mode='unit'):
@@ -146,9 +188,12 @@ def _check_arrays(images, labels, extras):
     raise ValueError(f'images must be (N, H, W, 3), got {images.shape}')
   if len(images) == 0:
     raise ValueError('no images to batch')
-  if labels is not None and labels.shape != images.shape[:3]:
+  # (N, H, W) label maps (segmentation) or (N,) image labels
+  # (classification).
+  if labels is not None and labels.shape not in (images.shape[:3],
+                                                 images.shape[:1]):
     raise ValueError(f'labels shape {labels.shape} does not match images '
-                     f'{images.shape[:3]}')
+                     f'{images.shape[:3]} (or {images.shape[:1]})')
   for key, value in (extras or {}).items():
     if key in _RESERVED_KEYS:
       raise ValueError(f'extras key {key!r} is reserved ({_RESERVED_KEYS})')
@@ -167,7 +212,8 @@ def train_batches(images, labels=None, *, batch_size, seed, start_step=0,
 
   Args:
     images: uint8 (N, H, W, 3).
-    labels: uint8 (N, H, W) class ids, or None (unlabelled target data).
+    labels: uint8 (N, H, W) class ids, (N,) image labels, or None
+      (unlabelled target data).
     batch_size: B; may exceed N (a batch then spans several epochs).
     seed: non-negative int.
     start_step: first step to yield.
@@ -217,7 +263,7 @@ def train_batches(images, labels=None, *, batch_size, seed, start_step=0,
         flipped = np.random.default_rng(
             [seed, _FLIP_SALT, step]).random(batch_size) < 0.5
         image[flipped] = image[flipped, :, ::-1]
-        if label is not None:
+        if label is not None and label.ndim == 3:
           label[flipped] = label[flipped, :, ::-1]
         for k in spatial:
           extra[k][flipped] = extra[k][flipped, :, ::-1]

@@ -254,7 +254,9 @@ def _render_layout(lay, height, width):
     part: uint8 (B, H, W) `_PART_*` codes.
     geom: dict of float arrays broadcastable to (B, H, W): 's' (pixels below
       the horizon), 'dx' (pixels right of the road centre line), 'half'
-      (road half width in pixels), 'hz' (horizon row).
+      (road half width in pixels), 'hz' (horizon row), 'zbuf' (B, H, W):
+      for object pixels the base row of the object in pixels below the
+      horizon (> 0), 0 for the background.
   """
   b = lay['horizon'].shape[0]
   y = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
@@ -393,7 +395,7 @@ def _render_layout(lay, height, width):
     draw(on & (torso | legs | head), sb, PERSON, _INST_PERSON0 + j,
          np.where(head & ~torso, _PART_HEAD, _PART_NONE))
 
-  geom = {'s': s, 'dx': dx, 'half': half, 'hz': hz}
+  geom = {'s': s, 'dx': dx, 'half': half, 'hz': hz, 'zbuf': zbuf}
   return labels, inst, part, geom
 
 
@@ -529,6 +531,17 @@ def _paint_target(labels, inst, part, geom, look):
   return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def _check_generate_args(domain, num_images, height, width, seed):
+  if domain not in DOMAINS:
+    raise ValueError(f'unknown synthetic domain {domain!r}; use one of '
+                     f'{DOMAINS}')
+  if height < 8 or width < 8:
+    raise ValueError(f'image size {height}x{width} too small; use >= 8x8')
+  if num_images < 0 or seed < 0:
+    raise ValueError('num_images and seed must be non-negative, got '
+                     f'{num_images} and {seed}')
+
+
 def generate(domain, num_images, *, height=64, width=128, seed=0):
   """Generates labelled scenes of one domain.
 
@@ -543,14 +556,7 @@ def generate(domain, num_images, *, height=64, width=128, seed=0):
     images: uint8 (N, H, W, 3) RGB.
     labels: uint8 (N, H, W) class ids in [0, NUM_CLASSES).
   """
-  if domain not in DOMAINS:
-    raise ValueError(f'unknown synthetic domain {domain!r}; use one of '
-                     f'{DOMAINS}')
-  if height < 8 or width < 8:
-    raise ValueError(f'image size {height}x{width} too small; use >= 8x8')
-  if num_images < 0 or seed < 0:
-    raise ValueError('num_images and seed must be non-negative, got '
-                     f'{num_images} and {seed}')
+  _check_generate_args(domain, num_images, height, width, seed)
   images = np.zeros((num_images, height, width, 3), np.uint8)
   labels = np.zeros((num_images, height, width), np.uint8)
   chunk = max(1, _CHUNK_PIXELS // (height * width))
@@ -573,6 +579,66 @@ def generate(domain, num_images, *, height=64, width=128, seed=0):
     images[idx.start:idx.stop] = img
     labels[idx.start:idx.stop] = lab
   return images, labels
+
+
+# ----------------------------------------------------------------------------
+# Per-pixel depth: a second dense task, pixel-aligned with the labels.
+# ----------------------------------------------------------------------------
+
+# Bump whenever the depth maps produced for a given set of arguments change.
+DEPTH_VERSION = 1
+# Depths beyond this many camera heights (the ground rows right under the
+# horizon) are invalid, like the range limit of a depth sensor.
+MAX_DEPTH = 40.0
+# Value of invalid depth pixels: sky, skyline, far vegetation band, and
+# anything beyond `MAX_DEPTH`.
+INVALID_DEPTH = 0.0
+
+
+def _layout_depth(geom, height):
+  """Depth (camera heights) of rendered layouts; see `generate_depth`."""
+  s = np.broadcast_to(geom['s'], geom['zbuf'].shape)
+  zbuf = geom['zbuf']
+  # Pinhole camera with focal length = image height in pixels: a ground
+  # point s pixels below the horizon is height / s camera heights away, and
+  # an upright object stands at the depth of its base.
+  key = np.where(zbuf > 0, zbuf, s)
+  depth = np.where(key > 0, height / np.maximum(key, 1e-6), INVALID_DEPTH)
+  depth = np.where(depth > MAX_DEPTH, INVALID_DEPTH, depth)
+  return depth.astype(np.float32)
+
+
+def generate_depth(domain, num_images, *, height=64, width=128, seed=0):
+  """Per-pixel depth of the scenes of `generate` with the same arguments.
+
+  Derived from the layouts alone (the same layout random stream as
+  `generate`, no extra draws), so depth map i is pixel-aligned with image
+  and label map i and costs no painting. Depth is in camera heights with a
+  focal length of `height` pixels: ground pixels ``height / s`` (s = pixels
+  below the horizon), objects the depth of their base on the ground.
+
+  Args:
+    domain: 'source' or 'target'.
+    num_images: number of images N >= 0.
+    height: image height H in pixels (>= 8).
+    width: image width W in pixels (>= 8).
+    seed: non-negative int.
+
+  Returns:
+    float32 (N, H, W) depth; `INVALID_DEPTH` (0) marks sky, skyline, the far
+    vegetation band and ground beyond `MAX_DEPTH`.
+  """
+  _check_generate_args(domain, num_images, height, width, seed)
+  depth = np.zeros((num_images, height, width), np.float32)
+  chunk = max(1, _CHUNK_PIXELS // (height * width))
+  salt = _DOMAIN_SALT[domain]
+  for start in range(0, num_images, chunk):
+    idx = range(start, min(start + chunk, num_images))
+    lay = _stack([_sample_layout(np.random.default_rng([seed, salt, i, 0]))
+                  for i in idx])
+    _, _, _, geom = _render_layout(lay, height, width)
+    depth[idx.start:idx.stop] = _layout_depth(geom, height)
+  return depth
 
 
 def split_seed(seed, split):
@@ -637,6 +703,58 @@ def load_or_generate(cache_dir, domain, split, *, num_images, height=64,
       os.remove(tmp)
     raise
   return images, labels
+
+
+def depth_cache_path(cache_dir, domain, split, *, num_images, height, width,
+                     seed):
+  """Path of the .npz depth cache file (see `load_or_generate_depth`)."""
+  name = (f'synthetic_depth_v{DEPTH_VERSION}g{GENERATOR_VERSION}_{domain}_'
+          f'{split}_n{num_images}_{height}x{width}_seed{seed}.npz')
+  return os.path.join(os.path.expanduser(cache_dir), name)
+
+
+def load_or_generate_depth(cache_dir, domain, split, *, num_images, height=64,
+                           width=128, seed=0):
+  """Depth maps of a split (`generate_depth`), generated once and cached.
+
+  A separate cache file beside the images', written atomically like them;
+  the image cache is never touched.
+
+  Args:
+    cache_dir: directory for the .npz file (created if missing).
+    domain: 'source' or 'target'.
+    split: 'train' or 'val'.
+    num_images: number of images N.
+    height: image height H.
+    width: image width W.
+    seed: non-negative base seed (the split seed is derived as for images).
+
+  Returns:
+    float32 (N, H, W) depth, 0 = invalid.
+  """
+  path = depth_cache_path(cache_dir, domain, split, num_images=num_images,
+                          height=height, width=width, seed=seed)
+  if os.path.exists(path):
+    try:
+      with np.load(path) as data:
+        depth = data['depth']
+      if depth.shape == (num_images, height, width):
+        return depth
+    except (OSError, ValueError, KeyError, EOFError):
+      pass  # Corrupt or foreign file: regenerate and overwrite it.
+  depth = generate_depth(domain, num_images, height=height, width=width,
+                         seed=split_seed(seed, split))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, depth=depth)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return depth
 
 
 def colorize(labels):

@@ -1,10 +1,15 @@
 """Method registry: ``config.method`` -> ``jaxda.methods.base.Method``."""
 
 from jaxda.methods import adaptsegnet
+from jaxda.methods import anchor
 from jaxda.methods import advent
 from jaxda.methods import base
+from jaxda.methods import classification
+from jaxda.methods import dann
+from jaxda.methods import gam
 from jaxda.methods import self_training
 from jaxda.methods import source_only
+from jaxda.methods import tada
 
 METHODS = {
     m.name: m for m in (
@@ -16,8 +21,17 @@ METHODS = {
         self_training.CBST,
         self_training.CRST,
         self_training.TPLD,
+        anchor.ANCHOR_TASKS,
+        gam.GAM,
+        # Classification (config.task = 'classification').
+        classification.SOURCE_ONLY_CLS,
+        classification.ORACLE_CLS,
+        dann.DANN,
+        tada.TADA,
     )
 }
+# Methods of the classification task; the others are segmentation methods.
+CLASSIFICATION_METHODS = ("source_only_cls", "oracle_cls", "dann", "tada")
 
 
 def get_method(name: str) -> base.Method:

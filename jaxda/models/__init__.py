@@ -10,17 +10,31 @@ kernel'. The optimiser uses them for the 10× LR heads and to freeze BN.
 
 from typing import Any
 
+from jaxda.models import classifier
 from jaxda.models import deeplab
 from jaxda.models import discriminator
+from jaxda.models import multitask
 from jaxda.models import resnet
 
 ASPP = deeplab.ASPP
 DeepLabV2 = deeplab.DeepLabV2
 FCDiscriminator = discriminator.FCDiscriminator
+MultiTaskNet = multitask.MultiTaskNet
 ResNet = resnet.ResNet
+ImageClassifier = classifier.ImageClassifier
+DomainDiscriminator = classifier.DomainDiscriminator
+RegionDiscriminators = classifier.RegionDiscriminators
+# Classification backbones (`create_classifier`).
+CLASSIFIER_NAMES = classifier.CLASSIFIER_NAMES
+# Params of the classification feature extractor G_f (the rest is the
+# bottleneck and classifier heads).
+classifier_backbone_param_regex = r'^feature_extractor/'
 
 # Params of the ASPP heads (PyTorch layer5/layer6), trained at 10× the LR.
 head_param_regex = r'^(aspp_main|aspp_aux)/'
+# Late layers of `MultiTaskNet` (shared decoder + task heads): what
+# HeadFreeze freezes by default; a config may widen or narrow it.
+multitask_late_param_regexes = (r'^decoder/', r'^head_')
 # BatchNorm scale/bias: every BN module is named 'bn<k>' or '<something>_bn'.
 batchnorm_param_regex = r'(^|/)(bn\d*|\w+_bn)/(scale|bias)$'
 
@@ -67,3 +81,44 @@ def create_discriminator(ndf: int = 64) -> discriminator.FCDiscriminator:
   """
   return discriminator.FCDiscriminator(ndf=ndf)
 
+
+def create_multitask(name: str, task_channels, **overrides: Any
+                     ) -> multitask.MultiTaskNet:
+  """Builds a `MultiTaskNet` whose encoder is the named segmenter's backbone.
+
+  Args:
+    name: one of `SEGMENTER_NAMES` (gives the ResNet stage sizes and width).
+    task_channels: ``((task, channels), ...)``, one head per task.
+    **overrides: `MultiTaskNet` attributes, e.g. `decoder_features=32`.
+
+  Returns:
+    An unbound `MultiTaskNet`; `apply(variables, x)` maps (B, H, W, 3) images
+    to ``{task: (B, h, w, channels)}`` at output stride 4.
+  """
+  if name not in _SEGMENTERS:
+    raise ValueError(f'Unknown segmenter {name!r}; known: {SEGMENTER_NAMES}')
+  backbone = _SEGMENTERS[name]
+  return multitask.MultiTaskNet(
+      task_channels=tuple((str(t), int(c)) for t, c in task_channels),
+      stage_sizes=backbone['stage_sizes'], base_width=backbone['base_width'],
+      **overrides)
+
+
+def create_classifier(name: str, num_classes: int,
+                      bottleneck_dim: int = 256) -> classifier.ImageClassifier:
+  """Builds an image classifier (G_f -> pool -> G_b -> G_y).
+
+  Args:
+    name: backbone, one of `CLASSIFIER_NAMES`.
+    num_classes: number of classes C.
+    bottleneck_dim: bottleneck width D.
+
+  Returns:
+    An unbound `ImageClassifier`; `apply(variables, x)` maps (B, H, W, 3)
+    images to {'features': (B, h, w, C'), 'bottleneck': (B, D),
+    'logits': (B, C)}.
+  """
+  if name not in CLASSIFIER_NAMES:
+    raise ValueError(f'Unknown classifier {name!r}; known: {CLASSIFIER_NAMES}')
+  return classifier.ImageClassifier(backbone=name, num_classes=num_classes,
+                                    bottleneck_dim=bottleneck_dim)

@@ -1,0 +1,6 @@
+"""Entry point: python -m experiments.anchor --config=experiments/configs/anchor.py"""
+
+from experiments import main
+
+if __name__ == "__main__":
+  main.run(main.config_path("anchor"), module="jaxda.anchor")

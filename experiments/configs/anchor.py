@@ -1,0 +1,100 @@
+"""Anchor tasks (Li et al., WACV 2021): MTL variants and HeadFreeze.
+
+Main task: per-pixel depth, labelled in the source only (target depth is
+read by evaluation alone). Anchor task: semantic segmentation, labelled in
+both domains.
+
+Run:
+  python -m experiments.anchor --config=experiments/configs/anchor.py
+The default is MTL-a + HeadFreeze. Variants (comma-separated):
+  ``mtl_src``   main + anchor on the source only
+  ``mtl_smta``  main on the source, anchor on the target only
+  ``mtl_a``     main + anchor on the source, anchor on the target
+  ``freeze``    two phases; phase 2 freezes decoder + heads (HeadFreeze)
+  ``no_freeze`` one phase of ``num_steps`` (the plain MTL variant)
+  ``adversarial`` + output-space discriminator on the main output
+  ``tiny``      a few steps on small images (tests)
+e.g. ``:mtl_a,no_freeze`` or ``:mtl_src,freeze,tiny``.
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+# HeadFreeze phase-2 steps of the two-phase variants (the last 40%).
+_PHASE2_STEPS = 400
+
+
+def _weights(source_main, source_anchor, target_anchor):
+  w = ml_collections.ConfigDict()
+  w.source_main = source_main  # weight of the depth loss on source
+  w.source_anchor = source_anchor  # weight of the anchor CE on source
+  w.target_anchor = target_anchor  # weight of the anchor CE on target
+  return w
+
+
+def _set_variant(c, name, source_anchor, target_anchor):
+  c.anchor.name = name
+  c.anchor.weights.source_anchor = source_anchor
+  c.anchor.weights.target_anchor = target_anchor
+  c.anchor.phase2_weights.source_anchor = source_anchor
+  c.anchor.phase2_weights.target_anchor = target_anchor
+
+
+def _mtl_src(c):
+  _set_variant(c, "mtl_src", 1.0, 0.0)
+
+
+def _mtl_smta(c):
+  _set_variant(c, "mtl_smta", 0.0, 1.0)
+
+
+def _mtl_a(c):
+  _set_variant(c, "mtl_a", 1.0, 1.0)
+
+
+def _freeze(c):
+  c.anchor.phase2_steps = _PHASE2_STEPS
+
+
+def _no_freeze(c):
+  c.anchor.phase2_steps = 0
+
+
+def _adversarial(c):
+  c.anchor.lambda_adv = 0.001
+  c.anchor.adv_input = "main"
+
+
+def _tiny(c):
+  common.apply_variant(c, "tiny")
+  c.num_steps = 4
+  c.anchor.decoder_features = 16
+  if c.anchor.phase2_steps:
+    c.anchor.phase2_steps = 2
+
+
+def get_config(variant: str = ""):
+  c = common.get_base_config()
+  c.method = "anchor"
+  c.num_steps = 1000
+  c.optim.optimizer = "adam"  # from-scratch multi-task net: Adam is robust
+  c.optim.learning_rate = 1e-3  # Adam LR (poly decay over num_steps)
+  c.optim.weight_decay = 0.0  # no coupled L2 with Adam
+  c.optim.head_lr_mult = 1.0  # task heads at the base LR
+
+  c.anchor = ml_collections.ConfigDict()
+  c.anchor.name = "mtl_a"  # variant label written to the summary
+  c.anchor.weights = _weights(1.0, 1.0, 1.0)  # phase-1 (or only) weights
+  c.anchor.phase2_weights = _weights(1.0, 1.0, 1.0)  # HeadFreeze phase 2
+  c.anchor.phase2_steps = _PHASE2_STEPS  # HeadFreeze steps (last); 0 = off
+  c.anchor.late_regexes = (r"^decoder/", r"^head_")  # frozen in phase 2
+  c.anchor.phase2_learning_rate = -1.0  # <0: continue the global schedule
+  c.anchor.lambda_adv = 0.0  # output-space adversarial weight; 0 = off
+  c.anchor.adv_input = "main"  # D input: 'main' | 'anchor' | 'both'
+  c.anchor.max_depth = 40.0  # clip of predicted depth in evaluation
+  c.anchor.decoder_features = 64  # channels of the shared decoder convs
+  return common.apply_variant(c, variant, {
+      "mtl_src": _mtl_src, "mtl_smta": _mtl_smta, "mtl_a": _mtl_a,
+      "freeze": _freeze, "no_freeze": _no_freeze,
+      "adversarial": _adversarial, "tiny": _tiny})

@@ -1,0 +1,400 @@
+"""Run driver of GAM / DAM: base model, statistics passes, adaptation, report.
+
+1. **Source model.** ``model.init_checkpoint`` names a source-only run; with
+   none, one is trained (or reused) in ``workdir/base_source_only`` with the
+   source-only recipe (``jaxda.self_training.ensure_base_model``).
+2. **State.** A ``FrozenSourceTrainState``: the target network (trained)
+   and the frozen source network (``state.source``), both loaded from that
+   run, plus one activation discriminator per tapped layer.
+3. **Statistics passes** (before the first step, over the train splits):
+   per-channel source statistics of every tapped layer (source model, source
+   images), then the target statistics of the source model with Gaussian
+   matching, computed layer after layer (pass k fixes layer k, whose input
+   depends on the matching of the layers before it), as AdaBN does.
+4. **Adaptation** with the shared run loop (``jaxda.methods.gam`` step),
+   checkpoints and resume as every run.
+5. **Report.** Per tapped layer: the gap between target and source
+   activation statistics (mean and std, in source std units) of the source
+   model before adaptation and of the adapted model after (before and after
+   its matching), and the discriminators' accuracy in the first and the last
+   logged window. Printed, written to ``summary.json['activation_report']``
+   and drawn in ``pictures/activation_stats.png``.
+
+Evaluation is the shared one: the adapted network, matched with its running
+target statistics, on the target val split, last iterate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from matplotlib import figure as mpl_figure
+from matplotlib.backends import backend_agg
+import ml_collections
+import numpy as np
+
+from jaxda import activation_matching as am
+from jaxda import parallel
+from jaxda import self_training
+from jaxda import state as state_lib
+from jaxda import train_loop
+from jaxda import writers
+from jaxda.data import pipeline
+from jaxda.methods import base
+from jaxda.methods import gam as gam_step
+from jaxda.models import activation_discriminator
+from jaxda.models import activation_taps
+
+
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(config.to_dict())
+
+
+def check_config(config) -> None:
+  """Errors a user can fix, before anything is trained."""
+  g = config.gam
+  if not g.layers:
+    raise train_loop.ConfigError("config.gam.layers must name >= 1 layer")
+  try:
+    gam_step.layer_weights(config)
+  except ValueError as e:
+    raise train_loop.ConfigError(str(e)) from None
+  if g.drift_reduction not in am.DRIFT_REDUCTIONS:
+    raise train_loop.ConfigError(
+        f"config.gam.drift_reduction must be one of {am.DRIFT_REDUCTIONS},"
+        f" got {g.drift_reduction!r}")
+  if not 0.0 <= g.stats_momentum < 1.0:
+    raise train_loop.ConfigError("config.gam.stats_momentum must be in [0, 1)")
+
+
+def build_models(run: train_loop.Run) -> train_loop.Run:
+  """Wraps the segmenter in taps and swaps in activation discriminators."""
+  g = run.config.gam
+  taps = activation_taps.ActivationTaps(
+      run.models.segmenter, tuple(g.layers),
+      gaussian_matching=bool(g.gaussian_matching))
+  disc = (activation_discriminator.ActivationDiscriminator(
+      features=tuple(g.disc_features)) if g.discriminators else None)
+  return dataclasses.replace(run, models=base.Models(taps, disc))
+
+
+def create_state(run: train_loop.Run) -> state_lib.FrozenSourceTrainState:
+  """Initial state from ``config.seed`` (replicated on the mesh)."""
+  config = run.config
+  taps = run.models.segmenter
+  x = jnp.zeros((1, config.data.height, config.data.width, 3), jnp.float32)
+  seg_key, disc_key = jax.random.split(jax.random.key(config.seed))
+  try:
+    shapes = jax.eval_shape(
+        lambda: taps.apply_with_taps(taps.module.init(seg_key, x), x,
+                                     match="none")[1]["raw"])
+  except ValueError as e:
+    raise train_loop.ConfigError(f"config.gam.layers: {e}") from None
+
+  def init():
+    variables = taps.init(seg_key, x)
+    disc_params = {}
+    if run.models.discriminator is not None:
+      for i, key in enumerate(taps.keys):
+        disc_params[key] = run.models.discriminator.init(
+            jax.random.fold_in(disc_key, i),
+            jnp.zeros(shapes[key].shape, jnp.float32))["params"]
+    model_stats, _ = activation_taps.split_stats(variables["batch_stats"])
+    return state_lib.FrozenSourceTrainState.create(
+        params=variables["params"], batch_stats=variables["batch_stats"],
+        tx=run.tx, disc_params=disc_params, disc_tx=run.disc_tx).replace(
+            source={"params": variables["params"],
+                    "batch_stats": model_stats})
+
+  return jax.jit(init, out_shardings=parallel.replicated(run.mesh))()
+
+
+def load_source_model(run: train_loop.Run, state, path: str):
+  """Target and frozen source networks := the source-only run at ``path``."""
+  model_stats, act = activation_taps.split_stats(state.batch_stats)
+  plain = train_loop.load_segmenter_weights(
+      run, state.replace(batch_stats=model_stats), path)
+  # Separate buffers: the step donates the state, and one buffer cannot be
+  # donated twice.
+  source = jax.tree.map(jnp.copy, {"params": plain.params,
+                                   "batch_stats": plain.batch_stats})
+  return plain.replace(batch_stats=dict(plain.batch_stats,
+                                        **{activation_taps.STATS_KEY: act}),
+                       source=source)
+
+
+# --------------------------------------------------------------------------
+# Statistics passes
+# --------------------------------------------------------------------------
+
+
+def _make_moments_fn(run: train_loop.Run, match: str):
+  taps = run.models.segmenter
+
+  def fn(variables, images, mask):
+    _, t, _ = taps.apply_with_taps(variables, images, match=match)
+    return {"raw": am.tree_moments(t["raw"], mask),
+            "matched": am.tree_moments(t["matched"], mask)}
+
+  return jax.jit(fn)
+
+
+def collect_stats(run: train_loop.Run, variables, images: np.ndarray, *,
+                  match: str) -> dict[str, Any]:
+  """Per-channel statistics of the tapped layers over ``images``.
+
+  Args:
+    run: the run.
+    variables: ``{'params', 'batch_stats'}`` of the network to measure.
+    images: (N, H, W, 3) uint8 host images.
+    match: ``'none'`` or ``'running'`` (never ``'batch'``: the padding of
+      the last batch would enter the statistics).
+
+  Returns:
+    ``{'raw': {key: ChannelStats}, 'matched': {key: ChannelStats}}`` of
+    host-side (C,) arrays.
+  """
+  fn = _make_moments_fn(run, match)
+  total = None
+  for batch in pipeline.eval_batches(
+      images, None, batch_size=train_loop._eval_batch_size(run),  # pylint: disable=protected-access
+      mode=run.config.data.normalization):
+    b = parallel.shard_batch({"image": batch["image"],
+                              "mask": batch["mask"]}, run.mesh)
+    m = fn(variables, b["image"], b["mask"])
+    total = m if total is None else am.add_moments(total, m)
+  return jax.device_get(am.stats_from_moments(total))
+
+
+def _variables(params, batch_stats, act_stats):
+  model_stats, _ = activation_taps.split_stats(batch_stats)
+  return {"params": params,
+          "batch_stats": dict(model_stats,
+                              **{activation_taps.STATS_KEY: act_stats})}
+
+
+def initial_statistics(run: train_loop.Run, state):
+  """Source statistics and the matched source model's target statistics.
+
+  Returns:
+    The state with ``batch_stats['activation_stats']`` filled in.
+  """
+  source_vars = {"params": state.source["params"],
+                 "batch_stats": state.source["batch_stats"]}
+  src = collect_stats(run, source_vars, run.data["source_train"].images,
+                      match="none")["raw"]
+  act = activation_taps.pack_stats(src, src)  # identity matching
+  target_images = run.data["target_train"].images
+  gm = run.config.gam.gaussian_matching
+  # Pass k gets layer k exact: its input depends on layers < k, which the
+  # earlier passes already fixed.
+  for _ in range(len(src) if gm else 1):
+    tgt = collect_stats(run, _variables(state.params, state.batch_stats, act),
+                        target_images, match="running" if gm else "none")
+    act = activation_taps.pack_stats(src, tgt["raw"])
+  act = jax.device_put(jax.tree.map(jnp.asarray, act),
+                       parallel.replicated(run.mesh))
+  return state.replace(batch_stats=dict(
+      activation_taps.split_stats(state.batch_stats)[0],
+      **{activation_taps.STATS_KEY: act}))
+
+
+def activation_report(run: train_loop.Run, variables, *, match: str,
+                      source_stats: dict) -> dict[str, dict[str, float]]:
+  """Per-layer statistics gaps of ``variables`` on target train images.
+
+  Returns:
+    ``{key: {'mean_gap_raw', 'std_gap_raw', 'mean_gap', 'std_gap'}}``:
+    ``*_raw`` of the layer's own output, the others of what flows on (after
+    matching; equal without it), in source std units
+    (``jaxda.activation_matching.stats_gap``).
+  """
+  n = run.config.gam.report_images
+  stats = collect_stats(run, variables, run.data["target_train"].images[:n],
+                        match=match)
+  out = {key: {} for key in run.models.segmenter.keys}  # network order
+  for kind, suffix in (("raw", "_raw"), ("matched", "")):
+    gaps = am.stats_gap(stats[kind], source_stats)
+    for key, gap in gaps.items():
+      out[key][f"mean_gap{suffix}"] = float(gap["mean_gap"])
+      out[key][f"std_gap{suffix}"] = float(gap["std_gap"])
+  return out
+
+
+def discriminator_accuracy(workdir: str, keys) -> dict[str, dict[str, float]]:
+  """D accuracy per layer in the first and the last logged window."""
+  history = writers.read_history(workdir)
+  out = {}
+  for key in keys:
+    points = history.get(f"train/disc_acc_{key}")
+    if points:
+      out[key] = {"first_log": points[0][1], "first_step": points[0][0],
+                  "last_log": points[-1][1], "last_step": points[-1][0]}
+  return out
+
+
+def save_report_picture(path: str, report: dict[str, Any]) -> str:
+  """Bar charts per layer: mean gap, std gap, D accuracy (PNG)."""
+  before, after = report["before"], report["after"]
+  keys = list(before)
+  x = np.arange(len(keys))
+  fig = mpl_figure.Figure(figsize=(13, 3.6), dpi=100, layout="constrained")
+  backend_agg.FigureCanvasAgg(fig)
+  axes = fig.subplots(1, 3)
+  bars = (("before (source model)", before, ""),
+          ("after, layer output", after, "_raw"),
+          ("after, matched (D input)", after, ""))
+  for ax, stat in zip(axes[:2], ("mean_gap", "std_gap")):
+    for i, (label, rep, suffix) in enumerate(bars):
+      ax.bar(x + (i - 1) * 0.27, [rep[k][stat + suffix] for k in keys], 0.27,
+             label=label)
+    ax.set_title(f"target vs source {stat.replace('_', ' ')} (source std)")
+    ax.set_xticks(x, keys, rotation=20, fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  acc = report.get("discriminator_accuracy") or {}
+  ax = axes[2]
+  if acc:
+    ks = [k for k in keys if k in acc]
+    xs = np.arange(len(ks))
+    ax.bar(xs - 0.2, [acc[k]["first_log"] for k in ks], 0.4,
+           label="first logged window")
+    ax.bar(xs + 0.2, [acc[k]["last_log"] for k in ks], 0.4,
+           label="last logged window")
+    ax.axhline(0.5, color="k", linewidth=0.8, linestyle="--")
+    ax.set_xticks(xs, ks, rotation=20, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+  ax.set_title("discriminator accuracy (0.5 = confused)")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, format="png")
+  return path
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """A fixed-width per-layer table for logs.
+
+  Gaps are "before -> after (layer output) / after (matched)"; D accuracy
+  is "first -> last logged window".
+  """
+  acc = report.get("discriminator_accuracy") or {}
+  rows = [f"{'layer':<18}{'mean gap':>24}{'std gap':>24}{'D accuracy':>16}"]
+  for key, b in report["before"].items():
+    a = report["after"][key]
+    cells = [f"{key:<18}"]
+    for stat in ("mean_gap", "std_gap"):
+      cells.append(f"{b[stat]:.3f} -> {a[stat + '_raw']:.3f} /"
+                   f" {a[stat]:.3f}".rjust(24))
+    d = acc.get(key)
+    cells.append((f"{d['first_log']:.3f} -> {d['last_log']:.3f}" if d
+                  else "n/a").rjust(16))
+    rows.append("".join(cells))
+  return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Source model (trained if needed), GAM adaptation, evaluation, report.
+
+  Resumable: rerunning the same command continues from the newest
+  checkpoint (and reuses a finished base run).
+
+  Returns:
+    The summary dict also written to ``workdir/summary.json``.
+  """
+  config = _copy(config)
+  check_config(config)
+  g = config.gam
+  os.makedirs(workdir, exist_ok=True)
+  config.model.init_checkpoint = self_training.ensure_base_model(
+      config, workdir, lambda m: print(m, flush=True),
+      base_steps=g.base_steps, base_learning_rate=g.base_learning_rate,
+      base_optim=g.base_optim)
+  run = build_models(train_loop.setup(config, workdir))
+  try:
+    train_loop.write_config(run)
+    run.writer.write_hparams(config.to_dict())
+    state = create_state(run)
+    before_path = run.path("activation_report_before.json")
+    start = 0
+    if run.checkpointer.latest_step() is not None:
+      state, start = run.checkpointer.restore(state)
+      run.log(f"Resuming from checkpoint step {start} in"
+              f" {run.checkpointer.directory}")
+    else:
+      state = load_source_model(run, state, config.model.init_checkpoint)
+      run.log(f"Source and target networks from {config.model.init_checkpoint}")
+      state = initial_statistics(run, state)
+    _, act = activation_taps.split_stats(state.batch_stats)
+    source_stats = jax.device_get(activation_taps.source_stats(act))
+    extra: dict[str, Any] = {"base_checkpoint": config.model.init_checkpoint}
+    base_summary = os.path.join(config.model.init_checkpoint, "summary.json")
+    if os.path.exists(base_summary):
+      with open(base_summary) as f:
+        extra["base_target_miou"] = json.load(f)["target"]["miou"]
+    if os.path.exists(before_path):
+      with open(before_path) as f:
+        before = json.load(f)
+    else:
+      before = {"layers": activation_report(
+          run, dict(state.source), match="none", source_stats=source_stats)}
+      if g.eval_at_start:
+        before["target_miou_at_start"] = train_loop.evaluate_target(
+            run, state, 0, prefix="target_start")["miou"]
+      if run.is_main:
+        with open(before_path, "w") as f:
+          json.dump(before, f, indent=2)
+    at_start = before.get("target_miou_at_start")
+    before = before["layers"]
+    if at_start is not None:
+      extra["target_miou_at_start"] = at_start
+
+    def pct(v):
+      return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    run.log(
+        f"gam: source model target mIoU {pct(extra.get('base_target_miou'))},"
+        f" with Gaussian matching {'on' if g.gaussian_matching else 'off'}"
+        f" before any step {pct(at_start)}; layers"
+        f" {', '.join(g.layers)}; discriminators"
+        f" {'on' if g.discriminators else 'off'}; drift"
+        f" {g.drift_weight} x {g.drift_reduction}")
+    if start < config.num_steps:
+      step_jit = train_loop.compile_step(run)
+      state = train_loop.run_steps(run, state, step_jit,
+                                   train_loop.paired_batches(run, start),
+                                   start, config.num_steps)
+    result = train_loop.evaluate_target(run, state, config.num_steps)
+    after = activation_report(
+        run, {"params": state.params, "batch_stats": state.batch_stats},
+        match="running" if g.gaussian_matching else "none",
+        source_stats=source_stats)
+    report = {"before": before, "after": after,
+              "discriminator_accuracy": discriminator_accuracy(
+                  run.workdir, run.models.segmenter.keys)}
+    scalars = {}
+    for when in ("before", "after"):
+      for key, values in report[when].items():
+        for name, v in values.items():
+          scalars[f"activations_{when}/{key}/{name}"] = v
+    run.writer.write_scalars(config.num_steps, scalars)
+    run.log("\nactivation statistics, target vs source (source std units;"
+            " before -> after layer output / after matching):\n"
+            + format_report(report))
+    extra["activation_report"] = report
+    if run.is_main:
+      extra["activation_picture"] = save_report_picture(
+          run.path("pictures", "activation_stats.png"), report)
+    return train_loop.finish(run, state, result, extra=extra)
+  finally:
+    train_loop.close(run)
