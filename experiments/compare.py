@@ -6,7 +6,8 @@
 Each (method, seed) run goes to ``OUT/<method>_seed<seed>`` (finished runs
 are reused, interrupted ones resume); the table goes to stdout and
 ``OUT/results.json``. Extra ``--override key=value`` pairs apply to every run
-(e.g. ``--override num_steps=600``).
+(e.g. ``--override num_steps=600``). Runs are compared by target mIoU
+(segmentation), accuracy (classification) or depth δ<1.25 (anchor tasks).
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "key=value applied to every config (dotted keys).")
 
 SELF_TRAINING = ("tpld", "cbst", "crst")
+# Methods whose entry point runs a driver other than jaxda.train_loop.
+DRIVERS = {"tpld": "jaxda.self_training", "cbst": "jaxda.self_training",
+           "crst": "jaxda.self_training", "gam": "jaxda.gam",
+           "anchor": "jaxda.anchor"}
+
+
+def headline(target: dict) -> tuple[str, float]:
+  """The metric a run is compared by: mIoU, accuracy or depth δ<1.25."""
+  if "miou" in target:
+    return "miou", target["miou"]
+  if "accuracy" in target:
+    return "accuracy", target["accuracy"]
+  return "depth_delta1", target["depth"]["delta1"]
 
 
 def _load_config(spec: str):
@@ -54,8 +68,7 @@ def _apply_override(config, item: str) -> None:
 def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from jaxda import self_training  # pylint: disable=g-import-not-at-top
-  from jaxda import train_loop  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
   results = {}
   for spec in _METHODS.value:
     for seed in _SEEDS.value:
@@ -65,7 +78,8 @@ def _main(argv):
         _apply_override(config, item)
       label = spec.replace(":", "-")
       base_dir = os.path.join(_OUT.value, f"source_only_seed{seed}")
-      if (name in SELF_TRAINING and not config.model.init_checkpoint and
+      if (name in SELF_TRAINING + ("gam",) and
+          not config.model.init_checkpoint and
           "source_only" in _METHODS.value):
         # Self-training starts from the source-only run of the same seed
         # (the same recipe its driver would otherwise train itself).
@@ -76,23 +90,26 @@ def _main(argv):
         with open(summary_path) as f:
           summary = json.load(f)
       else:
-        fn = (self_training.train_and_evaluate if name in SELF_TRAINING
-              else train_loop.train_and_evaluate)
+        driver = importlib.import_module(
+            DRIVERS.get(name, "jaxda.train_loop"))
+        fn = driver.train_and_evaluate
         t0 = time.time()
         summary = fn(config, workdir)
         summary["wall_time_s"] = time.time() - t0
-      entry = results.setdefault(label, {"miou": [], "wall_time_s": [],
-                                         "seeds": []})
-      entry["miou"].append(summary["target"]["miou"])
+      metric, value = headline(summary["target"])
+      entry = results.setdefault(label, {"metric": metric, "values": [],
+                                         "wall_time_s": [], "seeds": []})
+      entry["values"].append(value)
       entry["wall_time_s"].append(summary["wall_time_s"])
       entry["seeds"].append(int(seed))
-  rows = [f"{'method':<24}{'target mIoU %':>22}{'wall s':>10}  seeds"]
+  rows = [f"{'method':<24}{'target metric %':>22}{'wall s':>10}  seeds"]
   for label, e in results.items():
-    m = [100 * v for v in e["miou"]]
+    m = [100 * v for v in e["values"]]
     e["mean"] = statistics.mean(m)
     e["std"] = statistics.stdev(m) if len(m) > 1 else 0.0
     rows.append(f"{label:<24}{e['mean']:>14.2f} ± {e['std']:<5.2f}"
-                f"{statistics.mean(e['wall_time_s']):>10.0f}  {e['seeds']}")
+                f"{statistics.mean(e['wall_time_s']):>10.0f}  {e['seeds']}"
+                f"  ({e['metric']})")
   table = "\n".join(rows)
   print("\n" + table)
   os.makedirs(_OUT.value, exist_ok=True)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxda import metrics
+from jaxda import evaluation
 from jaxda.methods import classification
 
 IGNORE = 255
@@ -34,20 +34,9 @@ def make_predict_fn(models: classification.ClassificationModels, *,
   return predict
 
 
-def make_confusion_fn(predict_fn: Callable, num_classes: int) -> Callable:
-  """``fn(state, batch) -> (C, C)`` confusion summed over the batch.
-
-  ``batch`` holds ``image`` (B, H, W, 3), ``label`` (B,) and ``mask`` (B,)
-  marking real (not padding) examples.
-  """
-
-  def confusion(state, batch):
-    preds = jnp.argmax(predict_fn(state, batch["image"]), axis=-1)
-    labels = jnp.where(batch["mask"], batch["label"], IGNORE)
-    return metrics.confusion_matrix(preds, labels, num_classes,
-                                    ignore_index=IGNORE)
-
-  return confusion
+# The confusion function is the segmentation one: it masks labels of any
+# rank, here (B,).
+make_confusion_fn = evaluation.make_confusion_fn
 
 
 def summarize_confusion(confusion: np.ndarray,

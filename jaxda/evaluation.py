@@ -44,13 +44,18 @@ def make_predict_fn(models: base.Models, *, bn_mode: str,
 def make_confusion_fn(predict_fn: Callable, num_classes: int) -> Callable:
   """``fn(state, batch) -> (C, C)`` confusion summed over the global batch.
 
-  ``batch`` holds ``image`` (B, H, W, 3), ``label`` (B, H, W) and ``mask``
-  (B,) marking real (not padding) examples.
+  ``batch`` holds ``image`` (B, H, W, 3), ``label`` (B, H, W) for
+  segmentation or (B,) for classification, and ``mask`` (B,) marking real
+  (not padding) examples. ``predict_fn`` returns probabilities with the
+  label's shape plus a class axis.
   """
 
   def confusion(state, batch):
     preds = jnp.argmax(predict_fn(state, batch["image"]), axis=-1)
-    labels = jnp.where(batch["mask"][:, None, None], batch["label"], IGNORE)
+    label = batch["label"]
+    mask = batch["mask"].reshape(
+        batch["mask"].shape + (1,) * (label.ndim - 1))
+    labels = jnp.where(mask, label, IGNORE)
     return metrics.confusion_matrix(preds, labels, num_classes,
                                     ignore_index=IGNORE)
 

@@ -163,6 +163,22 @@ def update_segmenter(state, tx: optax.GradientTransformation, grads,
                        batch_stats=batch_stats, opt_state=opt_state)
 
 
+def minimize(state, tx: optax.GradientTransformation, loss_fn):
+  """One optimiser step on ``loss_fn(params) -> (loss, (stats, metrics))``.
+
+  The shared tail of every single-network step: gradients of the loss
+  w.r.t. ``state.params``, the update with the new BatchNorm statistics,
+  and the metrics extended with ``loss`` and ``grad_norm``.
+
+  Returns:
+    ``(new_state, metrics)``.
+  """
+  (loss, (stats, metrics)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  new_state = update_segmenter(state, tx, grads, stats)
+  return new_state, dict(metrics, loss=loss, grad_norm=global_norm(grads))
+
+
 def update_discriminators(state, disc_tx: optax.GradientTransformation,
                           disc_grads):
   """Applies the discriminators' update (step counter unchanged)."""

@@ -200,11 +200,7 @@ def make_supervised_step(domain: str):
         return ce, (stats, {"ce": ce, "train_acc": accuracy(
             logits, data["label"])})
 
-      (loss, (stats, metrics)), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(state.params)
-      new_state = base.update_segmenter(state, tx, grads, stats)
-      return new_state, dict(metrics, loss=loss,
-                             grad_norm=base.global_norm(grads))
+      return base.minimize(state, tx, loss_fn)
 
     return step
 

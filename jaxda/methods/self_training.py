@@ -109,11 +109,7 @@ def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
       metrics["pl_density"] = jnp.mean(labelled.astype(jnp.float32))
       return total, (stats, metrics)
 
-    (loss, (stats, metrics)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    new_state = base.update_segmenter(state, tx, grads, stats)
-    return new_state, dict(metrics, loss=loss,
-                           grad_norm=base.global_norm(grads))
+    return base.minimize(state, tx, loss_fn)
 
   return step
 
