@@ -254,11 +254,53 @@ def create_state(arun: AnchorRun) -> state_lib.TrainState:
   return jax.jit(init, out_shardings=parallel.replicated(run.mesh))()
 
 
+# Optimiser-state fields that are per-parameter moments (Adam's mu/nu, SGD
+# momentum's trace), as opposed to step counters.
+_MOMENT_FIELDS = (".mu", ".nu", ".trace")
+
+
+def _carry_moments(fresh, old):
+  """Copies moment leaves of ``old`` into ``fresh`` where both have them.
+
+  The phase-2 partition labels the late layers frozen, so its state tree
+  lacks their moments (``optax.MaskedNode``); the early layers' moments sit
+  at the same tree paths in both phases. Adam's counter goes with them; the
+  LR schedule's counter stays fresh (phase 2's schedule has its own offset).
+  """
+  old_leaves = {jax.tree_util.keystr(k): v for k, v in
+                jax.tree_util.tree_flatten_with_path(old)[0]}
+
+  # Adam's own step counter goes with its moments (bias correction); a
+  # schedule's counter (no moments beside it) does not.
+  moment_owners = {k[:k.index(f)] for k in old_leaves
+                   for f in _MOMENT_FIELDS if f in k}
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    if key not in old_leaves:
+      return leaf
+    if any(f in key for f in _MOMENT_FIELDS):
+      return old_leaves[key]
+    if key.endswith(".count") and key[:-len(".count")] in moment_owners:
+      return old_leaves[key]
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(pick, fresh)
+
+
 def to_phase2(arun: AnchorRun, state):
-  """Phase-1 end state -> phase-2 start: a fresh phase-2 optimiser state."""
+  """Phase-1 end state -> phase-2 start: the phase-2 optimiser state.
+
+  Fresh, or (``anchor.phase2_carry_moments``) with the trainable early
+  layers' moments carried over, so phase 2 does not restart Adam with
+  full-size normalised steps on the encoder.
+  """
   init = jax.jit(arun.tx2.init,
                  out_shardings=parallel.replicated(arun.run.mesh))
-  return state.replace(opt_state=init(state.params))
+  opt_state = init(state.params)
+  if arun.run.config.anchor.get("phase2_carry_moments", False):
+    opt_state = _carry_moments(opt_state, state.opt_state)
+  return state.replace(opt_state=opt_state)
 
 
 def init_or_restore(arun: AnchorRun):

@@ -417,3 +417,35 @@ def test_resume_inside_phase2_restores_phase2_optimiser(tmp_path):
     chex.assert_trees_all_equal(restored.params, state.params)
   finally:
     arun.run.checkpointer.close()
+
+
+def test_phase2_carries_early_moments_only():
+  from jaxda import optim  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {"encoder": {"w": jnp.asarray(rng.normal(size=(3, 2)))},
+            "decoder": {"w": jnp.asarray(rng.normal(size=(2,)))},
+            "head_depth": {"b": jnp.asarray(rng.normal(size=(1,)))}}
+  kwargs = dict(learning_rate=1e-3, schedule_steps=10, optimizer="adam",
+                weight_decay=0.0, head_regexes=(r"^head_",))
+  tx1, _ = optim.make_segmenter_tx(**kwargs)
+  tx2, _ = optim.make_segmenter_tx(
+      frozen_regexes=(r"^decoder/", r"^head_"), schedule_offset=3, **kwargs)
+  state1 = tx1.init(params)
+  grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, params)
+  for _ in range(3):
+    _, state1 = tx1.update(grads, state1, params)
+  carried = driver._carry_moments(tx2.init(params), state1)  # pylint: disable=protected-access
+  flat1 = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+           jax.tree_util.tree_flatten_with_path(state1)[0]}
+  flat2 = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+           jax.tree_util.tree_flatten_with_path(carried)[0]}
+  moments = [k for k in flat2 if ".mu" in k or ".nu" in k]
+  # Only the encoder is trainable in phase 2; its moments are phase 1's
+  # (non-zero after three steps), the late layers have none.
+  assert moments and all("encoder" in k for k in moments)
+  for k in moments:
+    np.testing.assert_array_equal(flat2[k], flat1[k])
+    assert np.all(flat2[k] != 0)
+  counts = {k: int(v) for k, v in flat2.items() if k.endswith(".count")}
+  # Adam's counter follows its moments (3); the schedule's stays fresh (0).
+  assert sorted(counts.values()) == [0, 3], counts

@@ -90,6 +90,7 @@ def get_config(variant: str = ""):
   c.anchor.phase2_steps = _PHASE2_STEPS  # HeadFreeze steps (last); 0 = off
   c.anchor.late_regexes = (r"^decoder/", r"^head_")  # frozen in phase 2
   c.anchor.phase2_learning_rate = -1.0  # <0: continue the global schedule
+  c.anchor.phase2_carry_moments = False  # keep early layers' Adam moments
   c.anchor.lambda_adv = 0.0  # output-space adversarial weight; 0 = off
   c.anchor.adv_input = "main"  # D input: 'main' | 'anchor' | 'both'
   c.anchor.max_depth = 40.0  # clip of predicted depth in evaluation
