@@ -73,6 +73,24 @@ def extract_features(models: ClassificationModels, params, batch_stats,
                                  method=method), batch_stats
 
 
+def extract_both(models: ClassificationModels, params, batch_stats,
+                 source_images: jax.Array, target_images: jax.Array, *,
+                 bn_mode: str):
+  """Source then target pass of G_f (adversarial steps), BN as configured.
+
+  Separate passes so BatchNorm sees each domain as ``bn_mode`` says.
+
+  Returns:
+    ``(f_s, f_t, batch_stats)``: (B_s, h, w, C), (B_t, h, w, C) and the
+    statistics after both passes.
+  """
+  f_s, stats = extract_features(models, params, batch_stats, source_images,
+                                bn_mode=bn_mode, labelled=True)
+  f_t, stats = extract_features(models, params, stats, target_images,
+                                bn_mode=bn_mode, labelled=False)
+  return f_s, f_t, stats
+
+
 def classify(models: ClassificationModels, params,
              feature_map: jax.Array) -> dict[str, jax.Array]:
   """Pool + bottleneck + classifier on a (B, h, w, C) conv map.

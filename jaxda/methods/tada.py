@@ -88,12 +88,9 @@ def make_step(models: classification.ClassificationModels, config, tx,
     coeff = coefficient(state.step)
 
     def loss_fn(params, disc_params):
-      f_s, stats = classification.extract_features(
-          models, params, state.batch_stats, src["image"], bn_mode=bn_mode,
-          labelled=True)
-      f_t, stats = classification.extract_features(
-          models, params, stats, tgt["image"], bn_mode=bn_mode,
-          labelled=False)
+      f_s, f_t, stats = classification.extract_both(
+          models, params, state.batch_stats, src["image"], tgt["image"],
+          bn_mode=bn_mode)
       fmap = jnp.concatenate([f_s, f_t])
       metrics = {}
       l_local = 0.0
