@@ -542,6 +542,29 @@ def _check_generate_args(domain, num_images, height, width, seed):
                      f'{num_images} and {seed}')
 
 
+def _rendered_layouts(domain, num_images, height, width, seed):
+  """Yields ``(idx, _render_layout(...))`` per chunk of images, validated.
+
+  Separate layout and appearance streams per image: the layout draws
+  (stream 0) do not depend on the domain's appearance draws (stream 1), so
+  both domains share the layout distribution exactly, and depth (derived
+  from the layout) needs no draws of its own.
+  """
+  # Checked now, not at the first iteration (the chunks are lazy).
+  _check_generate_args(domain, num_images, height, width, seed)
+  chunk = max(1, _CHUNK_PIXELS // (height * width))
+  salt = _DOMAIN_SALT[domain]
+
+  def chunks():
+    for start in range(0, num_images, chunk):
+      idx = range(start, min(start + chunk, num_images))
+      lay = _stack([_sample_layout(np.random.default_rng([seed, salt, i, 0]))
+                    for i in idx])
+      yield idx, _render_layout(lay, height, width)
+
+  return chunks()
+
+
 def generate(domain, num_images, *, height=64, width=128, seed=0):
   """Generates labelled scenes of one domain.
 
@@ -556,19 +579,11 @@ def generate(domain, num_images, *, height=64, width=128, seed=0):
     images: uint8 (N, H, W, 3) RGB.
     labels: uint8 (N, H, W) class ids in [0, NUM_CLASSES).
   """
-  _check_generate_args(domain, num_images, height, width, seed)
+  layouts = _rendered_layouts(domain, num_images, height, width, seed)
   images = np.zeros((num_images, height, width, 3), np.uint8)
   labels = np.zeros((num_images, height, width), np.uint8)
-  chunk = max(1, _CHUNK_PIXELS // (height * width))
   salt = _DOMAIN_SALT[domain]
-  for start in range(0, num_images, chunk):
-    idx = range(start, min(start + chunk, num_images))
-    # Separate layout and appearance streams per image: the layout draws do
-    # not depend on the domain's appearance draws, so both domains share the
-    # layout distribution exactly.
-    lay = _stack([_sample_layout(np.random.default_rng([seed, salt, i, 0]))
-                  for i in idx])
-    lab, inst, part, geom = _render_layout(lay, height, width)
+  for idx, (lab, inst, part, geom) in layouts:
     look_rngs = [np.random.default_rng([seed, salt, i, 1]) for i in idx]
     if domain == 'source':
       img = _paint_source(lab, inst, _stack(
@@ -628,15 +643,9 @@ def generate_depth(domain, num_images, *, height=64, width=128, seed=0):
     float32 (N, H, W) depth; `INVALID_DEPTH` (0) marks sky, skyline, the far
     vegetation band and ground beyond `MAX_DEPTH`.
   """
-  _check_generate_args(domain, num_images, height, width, seed)
   depth = np.zeros((num_images, height, width), np.float32)
-  chunk = max(1, _CHUNK_PIXELS // (height * width))
-  salt = _DOMAIN_SALT[domain]
-  for start in range(0, num_images, chunk):
-    idx = range(start, min(start + chunk, num_images))
-    lay = _stack([_sample_layout(np.random.default_rng([seed, salt, i, 0]))
-                  for i in idx])
-    _, _, _, geom = _render_layout(lay, height, width)
+  for idx, (_, _, _, geom) in _rendered_layouts(domain, num_images, height,
+                                                width, seed):
     depth[idx.start:idx.stop] = _layout_depth(geom, height)
   return depth
 

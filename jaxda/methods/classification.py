@@ -198,6 +198,22 @@ def update_all(state, tx, disc_tx, grads, disc_grads, batch_stats):
   return base.update_discriminators(new_state, disc_tx, disc_grads)
 
 
+def minimize_with_discriminators(state, tx, disc_tx, loss_fn):
+  """One joint step of network and discriminators (gradient reversal inside).
+
+  ``loss_fn(params, disc_params) -> (loss, (stats, metrics))``; both take
+  the gradient of the same loss (the GRL flips it for the features).
+
+  Returns:
+    ``(new_state, metrics)`` with ``loss`` and ``grad_norm`` added.
+  """
+  (loss, (stats, metrics)), (grads, d_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.disc_params)
+  new_state = update_all(state, tx, disc_tx, grads, d_grads, stats)
+  return new_state, dict(metrics, loss=loss,
+                         grad_norm=base.global_norm(grads))
+
+
 def make_supervised_step(domain: str):
   """Supervised classification step factory on ``domain`` (source/target)."""
 

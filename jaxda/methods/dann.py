@@ -122,12 +122,9 @@ def make_step(models: classification.ClassificationModels, config, tx,
                  "disc_acc": classification.domain_accuracy(d_logits, d)}
       return ce + lambda_adv * l_d, (stats, metrics)
 
-    (loss, (stats, metrics)), (grads, d_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.disc_params)
-    new_state = classification.update_all(state, tx, disc_tx, grads, d_grads,
-                                          stats)
-    return new_state, dict(metrics, loss=loss, grl_coeff=coeff,
-                           grad_norm=base.global_norm(grads))
+    new_state, metrics = classification.minimize_with_discriminators(
+        state, tx, disc_tx, loss_fn)
+    return new_state, dict(metrics, grl_coeff=coeff)
 
   return step
 
