@@ -73,14 +73,22 @@ _CONFIGS = {
 # ---------------------------------------------------------------------------
 
 
-def paper_config(method: str, variant: str, height: int, width: int):
-  """The method's ``paper`` preset (plus ``variant``) at ``height x width``."""
+def paper_config(method: str, variant: str, height: int, width: int,
+                 compute_dtype: str | None = None, remat: bool | None = None):
+  """The method's ``paper`` preset (plus ``variant``) at ``height x width``.
+
+  ``compute_dtype`` / ``remat`` override ``config.model``'s switches.
+  """
   module, extra = _CONFIGS[method]
   variants = ",".join(v for v in ("paper", extra, variant) if v)
   config = importlib.import_module(
       f"experiments.configs.{module}").get_config(variants)
   config.data.height = height
   config.data.width = width
+  if compute_dtype is not None:
+    config.model.compute_dtype = compute_dtype
+  if remat is not None:
+    config.model.remat = remat
   return config
 
 
@@ -89,22 +97,34 @@ def frozen_regexes(config) -> list[str]:
   return train_loop.frozen_regexes(config)
 
 
-def build(config, num_classes: int, init_size: int, seed: int):
+def build(config, num_classes: int, init_size: int, seed: int,
+          weights: dict | None = None):
   """Models, optimisers, replicated train state and the jitted step.
+
+  Args:
+    config: a ``paper_config``.
+    num_classes: classes C.
+    init_size: spatial size of the init dummy input.
+    seed: parameter init seed.
+    weights: optional ``{'params', 'batch_stats', 'disc_params'}`` used
+      instead of the random init (e.g. converted PyTorch weights).
 
   Returns:
     ``(state, step_jit, labels_fn, method, mesh)``.
   """
   method = get_method(config.method)
+  precision = train_loop.precision_options(config)
   segmenter = models_lib.create_segmenter(
       config.model.name, num_classes, multi_level=config.model.multi_level,
-      aspp_branches_used=config.model.aspp_branches_used)
+      aspp_branches_used=config.model.aspp_branches_used,
+      remat=config.model.remat, **precision)
   sched = config.optim.schedule_steps
   schedule_steps = config.num_steps if sched in (-1, None) else sched
   disc = disc_tx = None
   levels = ()
   if method.discriminator_inputs != "none":
-    disc = models_lib.create_discriminator(config.adversarial.ndf)
+    disc = models_lib.create_discriminator(config.adversarial.ndf).clone(
+        **precision)
     disc_tx = optim.make_discriminator_tx(
         learning_rate=config.adversarial.learning_rate,
         schedule_steps=schedule_steps, b1=config.adversarial.b1,
@@ -130,6 +150,10 @@ def build(config, num_classes: int, init_size: int, seed: int):
             jax.random.fold_in(disc_key, i),
             jnp.zeros((1, init_size, init_size, num_classes)))["params"]
         for i, level in enumerate(levels)}
+    if weights is not None:
+      variables = {"params": weights["params"],
+                   "batch_stats": weights["batch_stats"]}
+      disc_params = weights["disc_params"]
     return state_lib.TrainState.create(
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}), tx=tx,
@@ -265,7 +289,8 @@ def bench(args, save=lambda report: None) -> dict:
   stopped early (a paper-size step takes minutes on a laptop CPU) still
   leaves its compile time, memory and FLOPs on disk.
   """
-  config = paper_config(args.method, args.variant, args.height, args.width)
+  config = paper_config(args.method, args.variant, args.height, args.width,
+                        args.compute_dtype, args.remat)
   parallel.check_batch_size(args.batch_size, parallel.make_mesh(1))
   report = {"machine": machine_info(), "args": vars(args),
             "config": config.to_dict(), "complete": False,
@@ -360,6 +385,14 @@ def parse_args(argv=None):
   parser.add_argument("--init-size", type=int, default=64,
                       help="spatial size of the parameter-init dummy input")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--compute-dtype", default="float32",
+                      choices=("float32", "bfloat16"),
+                      help="config.model.compute_dtype")
+  parser.add_argument("--remat", action="store_true",
+                      help="config.model.remat (recompute backbone blocks)")
+  parser.add_argument("--memory-only", action="store_true",
+                      help="only compile, for every compute_dtype x remat"
+                           " combination, and report memory_analysis()")
   return parser.parse_args(argv)
 
 
@@ -421,21 +454,90 @@ def print_report(report) -> None:
     print(f"  {name:<{width}}  {value}")
 
 
+SWITCHES = (("float32", False), ("float32", True), ("bfloat16", False),
+            ("bfloat16", True))
+
+
+def memory_table(args, save=lambda report: None) -> dict:
+  """Compiles the step for every (compute_dtype, remat); XLA memory each.
+
+  Nothing runs: ``compiled.memory_analysis()`` is XLA's buffer assignment,
+  the same numbers a run would allocate (arguments + outputs - donated +
+  temporaries), so the paper-size table takes minutes, not hours.
+
+  Returns:
+    ``{'machine', 'args', 'switches': [{compute_dtype, remat, compile_s,
+    memory_analysis, cost_analysis}], 'ratio_bf16_remat_vs_fp32'}``.
+  """
+  report = {"machine": machine_info(), "args": vars(args), "switches": []}
+  for dtype, remat in SWITCHES:
+    config = paper_config(args.method, args.variant, args.height, args.width,
+                          dtype, remat)
+    t0 = time.perf_counter()
+    state, step_jit, _, method, mesh = build(
+        config, args.num_classes, args.init_size, args.seed)
+    batch = parallel.shard_batch(
+        random_batch(method, args.batch_size, args.height, args.width,
+                     args.num_classes, args.seed), mesh)
+    compiled = step_jit.lower(state, batch, jax.random.key(0)).compile()
+    mem = memory_stats(compiled)
+    mem["total_live_bytes"] = xla_total_bytes(mem)
+    report["switches"].append({
+        "compute_dtype": dtype, "remat": remat,
+        "compile_s": time.perf_counter() - t0, "memory_analysis": mem,
+        "cost_analysis": cost_stats(compiled)})
+    _log(f"{dtype} remat={remat}: temp {_mb(mem['temp_size_in_bytes'])},"
+         f" live {_mb(mem['total_live_bytes'])}")
+    del state, step_jit, compiled
+    save(report)
+  live = {(r["compute_dtype"], r["remat"]):
+          r["memory_analysis"]["total_live_bytes"] for r in report["switches"]}
+  report["ratio_bf16_remat_vs_fp32"] = (
+      live[("bfloat16", True)] / live[("float32", False)])
+  return report
+
+
+def print_memory_table(report) -> None:
+  a = report["args"]
+  print(f"{a['method']} step, {a['batch_size']} x {a['height']}x{a['width']},"
+        " XLA memory_analysis (MiB):")
+  print(f"  {'compute':<9} {'remat':<6} {'temp':>10} {'args':>10}"
+        f" {'live total':>11} {'vs fp32':>8}")
+  base = report["switches"][0]["memory_analysis"]["total_live_bytes"]
+  for r in report["switches"]:
+    m = r["memory_analysis"]
+    print(f"  {r['compute_dtype']:<9} {str(r['remat']):<6}"
+          f" {m['temp_size_in_bytes'] / 2**20:>10.1f}"
+          f" {m['argument_size_in_bytes'] / 2**20:>10.1f}"
+          f" {m['total_live_bytes'] / 2**20:>11.1f}"
+          f" {m['total_live_bytes'] / base:>8.2f}")
+
+
 def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  if args.memory_only:
+    path = os.path.join(args.out, "paper_memory.json")
+    save = lambda r: _write_json(path, r)
+    report = memory_table(args, save)
+    save(report)
+    print_memory_table(report)
+    print(f"wrote {path}")
+    return report
   path = os.path.join(args.out, "paper_step.json")
-
-  def save(report):
-    # Write-then-rename: a run killed mid-write keeps the previous snapshot.
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
-
+  save = lambda r: _write_json(path, r)
   report = bench(args, save)
   save(report)
   print_report(report)
   print(f"wrote {path}")
+  return report
+
+
+def _write_json(path: str, report: dict) -> None:
+  # Write-then-rename: a run killed mid-write keeps the previous snapshot.
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, default=str)
+  os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

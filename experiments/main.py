@@ -62,7 +62,15 @@ def run(default_config: str, train_fn_name: str = "train_and_evaluate",
         "runs", f"{config.method}_seed{config.seed}")
     train_fn: Callable = getattr(importlib.import_module(module),
                                  train_fn_name)
+    from jaxda import parallel  # pylint: disable=g-import-not-at-top
     from jaxda import train_loop  # pylint: disable=g-import-not-at-top
+    try:
+      # Before any JAX computation: joins the other processes of a
+      # multi-host run (config.distributed / JAX_* variables); else no-op.
+      parallel.initialize_distributed(config)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     try:
       train_fn(config, workdir)
     except train_loop.StopRequested as e:

@@ -107,6 +107,22 @@ def phase1_steps(config) -> int:
   return int(config.num_steps) - n2
 
 
+def phase1_schedule_steps(config) -> int:
+  """Length of the phase-1 poly schedule.
+
+  With a fresh phase-2 schedule (``anchor.phase2_learning_rate >= 0``) phase 1
+  is exactly the single-phase MTL run of N1 steps, so HeadFreeze is "MTL, then
+  HeadFreeze": the poly schedule ends at N1. With a negative phase-2 LR one
+  schedule spans both phases. An explicit ``optim.schedule_steps`` wins.
+  """
+  sched = config.optim.schedule_steps
+  if sched not in (-1, None):
+    return int(sched)
+  n1 = phase1_steps(config)
+  fresh_phase2 = float(config.anchor.phase2_learning_rate) >= 0
+  return n1 if n1 < config.num_steps and fresh_phase2 else int(config.num_steps)
+
+
 def validate_config(config) -> None:
   train_loop.validate_config(config)
   if config.method != "anchor":
@@ -194,6 +210,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> AnchorRun:
   disc = disc_tx = None
   sched = config.optim.schedule_steps
   schedule_steps = config.num_steps if sched in (-1, None) else sched
+  lr2 = float(config.anchor.phase2_learning_rate)
+  phase1_schedule = phase1_schedule_steps(config)
   if config.anchor.lambda_adv > 0:
     disc = models_lib.create_discriminator(config.adversarial.ndf)
     disc_tx = optim.make_discriminator_tx(
@@ -201,11 +219,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> AnchorRun:
         schedule_steps=schedule_steps, b1=config.adversarial.b1,
         b2=config.adversarial.b2, power=config.optim.power)
   frozen = train_loop.frozen_regexes(config)
-  tx, labels_fn = make_tx(config, frozen, schedule_steps=schedule_steps)
+  tx, labels_fn = make_tx(config, frozen, schedule_steps=phase1_schedule)
   late = tuple(config.anchor.late_regexes)
   tx2 = labels_fn2 = None
   if two_phase:
-    lr2 = float(config.anchor.phase2_learning_rate)
     if lr2 < 0:  # Continue the global schedule where phase 1 left it.
       tx2, labels_fn2 = make_tx(config, frozen + list(late), offset=n1,
                                 schedule_steps=schedule_steps)

@@ -81,6 +81,10 @@ class Checkpointer:
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, int]:
     """Restores the newest readable checkpoint into the structure of ``target``.
 
+    The arrays are placed with ``target``'s shardings, not the saved ones,
+    so a checkpoint written on N devices by P processes restores on any
+    other device or process count (Orbax reads each device's slice).
+
     Args:
       target: a state with the right structure, shapes, dtypes and shardings.
       step: a specific step; default the newest that loads.
@@ -149,12 +153,20 @@ def load_weights(path: str) -> dict[str, Any]:
         f"init checkpoint {path} does not exist; point the config at the"
         " workdir of a finished run (or leave it empty to train one first)")
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True))
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers=ocp.StandardCheckpointHandler())
+  # Every array onto this process's first device, whatever mesh (device or
+  # process count) wrote it: Orbax refuses a target-less restore across
+  # topologies.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
     errors = []
     for step in sorted(manager.all_steps())[::-1]:
       try:
-        raw = manager.restore(step, args=ocp.args.StandardRestore())
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            manager.item_metadata(step))
+        raw = manager.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except
         errors.append(f"step {step}: {type(e).__name__}: {e}")
         continue

@@ -146,3 +146,31 @@ def make_discriminator_tx(*, learning_rate: float, schedule_steps: int,
   """Adam with the originals' betas (0.9, 0.99) and the same poly schedule."""
   return optax.adam(poly_schedule(learning_rate, schedule_steps, power),
                     b1=b1, b2=b2)
+
+
+def accumulate(tx: optax.GradientTransformation,
+               every_k: int) -> optax.GradientTransformation:
+  """Gradient accumulation: one ``tx`` update per ``every_k`` calls.
+
+  ``optax.MultiSteps`` averages the gradients of ``every_k`` consecutive
+  calls and hands the mean to ``tx`` on the last one; the others return zero
+  updates. With equal micro-batches that mean is the gradient of the
+  ``every_k`` times larger batch, so the effective batch is
+  ``batch_size * every_k`` (BatchNorm statistics, which are not gradients,
+  still update every micro-batch). ``tx``'s own step count (and so its LR
+  schedule) advances once per update. The accumulator lives in the optimiser
+  state, so checkpoints taken mid-accumulation resume exactly.
+
+  Args:
+    tx: the optimiser of one update.
+    every_k: micro-batches per update; 1 returns ``tx`` unchanged.
+
+  Returns:
+    The accumulating transformation (``tx`` itself when ``every_k == 1``).
+  """
+  if int(every_k) < 1:
+    raise ValueError(f"grad_accum_steps must be >= 1, got {every_k}")
+  if int(every_k) == 1:
+    return tx
+  return optax.MultiSteps(tx, every_k_schedule=int(every_k)
+                          ).gradient_transformation()

@@ -6,6 +6,11 @@ train step is one ``jax.jit`` whose in/out shardings say so. Under ``jit`` a
 mean over the (global) batch is already a cross-device mean, so losses never
 take an ``axis_name`` and BatchNorm sees the global batch.
 
+Several processes (hosts) run the same program on their own share of the
+data (``initialize_distributed``, ``process_shard``, ``shard_batch``); the
+global batch and every reduction span all of them (second half of this
+module).
+
 The sharding APIs changed three times between JAX 0.8 and 0.10 (``pmap`` in
 maintenance mode, ``device_put_replicated`` removed, ``with mesh`` deprecated
 for ``jax.set_mesh``), which is why all of it lives here.
@@ -13,12 +18,16 @@ for ``jax.set_mesh``), which is why all of it lives here.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxda.data import pipeline
 
 DATA_AXIS = "data"
 
@@ -124,3 +133,202 @@ def to_host(tree: Any) -> Any:
 def is_main_process() -> bool:
   """True on the process that writes logs, pictures and summaries."""
   return jax.process_index() == 0
+
+
+# --------------------------------------------------------------------------
+# Multi-process (multi-host) runs
+# --------------------------------------------------------------------------
+#
+# Every process runs the same program on its own share of the data: training
+# batches, evaluation and pseudo-labelling passes read only the contiguous
+# slice ``pipeline.shard_for_process`` gives it, and each jitted step sees the
+# global batch (``shard_batch``). Host-side results that every process needs
+# (pseudo-labels, image confidences) are gathered with ``process_allgather``;
+# everything else (metrics, confusion matrices, threshold histograms) comes
+# out of a jitted reduction replicated on every process.
+
+# Environment variables read when the config leaves a field empty. JAX itself
+# reads JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS; the other two are
+# ours, named in the same style.
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "JAX_LOCAL_DEVICE_IDS"
+
+
+def distributed_args(dist: Any, environ: Any = None) -> dict[str, Any] | None:
+  """The ``jax.distributed.initialize`` arguments of a config, or None.
+
+  Args:
+    dist: ``config.distributed`` (coordinator_address, num_processes,
+      process_id, local_device_ids, initialization_timeout).
+    environ: mapping read for empty fields (default ``os.environ``).
+
+  Returns:
+    None for a single-process run (``num_processes`` 0 or 1, no coordinator
+    address in the config or environment); else the keyword arguments, with
+    None where JAX should auto-detect (``num_processes = -1``: TPU pod,
+    SLURM, Open MPI).
+  """
+  environ = os.environ if environ is None else environ
+  address = dist.coordinator_address or environ.get(ENV_COORDINATOR) or None
+  num = int(dist.num_processes or environ.get(ENV_NUM_PROCESSES) or 0)
+  pid = int(dist.process_id)
+  if pid < 0 and environ.get(ENV_PROCESS_ID):
+    pid = int(environ[ENV_PROCESS_ID])
+  ids = str(dist.local_device_ids or environ.get(ENV_LOCAL_DEVICE_IDS) or "")
+  if num == 0 and address is not None:
+    raise ValueError(
+        f"config.distributed: coordinator address {address!r} given but no"
+        " process count; set --config.distributed.num_processes (or"
+        f" {ENV_NUM_PROCESSES}), or -1 to let JAX detect the cluster")
+  if num in (0, 1):
+    return None
+  if num < -1:
+    raise ValueError("config.distributed.num_processes must be -1 (auto),"
+                     f" 0 (environment), or >= 1; got {num}")
+  return {
+      "coordinator_address": address,
+      "num_processes": None if num == -1 else num,
+      "process_id": None if pid < 0 else pid,
+      "local_device_ids": ([int(i) for i in ids.split(",")] if ids
+                           else None),
+      "initialization_timeout": int(dist.initialization_timeout),
+  }
+
+
+def initialize_distributed(config: Any) -> bool:
+  """Joins a multi-process run if the config or environment asks for one.
+
+  Call once, before any other JAX call (entry points do it first). A
+  no-op for single-process runs and when JAX is already initialised. On
+  CPU the cross-process collectives are Gloo's (XLA's default in JAX 0.10,
+  set explicitly here so an older default of none cannot leave processes
+  computing alone).
+
+  Args:
+    config: a run config; reads ``config.distributed`` if it exists.
+
+  Returns:
+    True if this call initialised ``jax.distributed``.
+  """
+  dist = config.get("distributed") if hasattr(config, "get") else None
+  if dist is None:
+    return False
+  kwargs = distributed_args(dist)
+  if kwargs is None or jax.distributed.is_initialized():
+    return False
+  if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+def process_shard(n: int) -> slice:
+  """The contiguous rows of an ``n``-row split this process reads."""
+  return pipeline.shard_for_process(n, jax.process_index(),
+                                    jax.process_count())
+
+
+def process_seed(seed: int) -> int:
+  """A data-order seed per process: ``seed`` itself in a single process.
+
+  ``seed * P + p`` keeps single-process runs bit-identical to before and
+  gives the P processes (which shuffle different shards) distinct flip and
+  permutation streams.
+  """
+  return int(seed) * jax.process_count() + jax.process_index()
+
+
+def max_over_processes(value: int) -> int:
+  """The largest of one integer per process (every process gets it)."""
+  if jax.process_count() == 1:
+    return int(value)
+  gathered = multihost_utils.process_allgather(np.asarray(value, np.int64))
+  return int(np.max(gathered))
+
+
+def sum_over_processes(x: np.ndarray) -> np.ndarray:
+  """Elementwise sum of one host array per process (e.g. histograms)."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
+
+
+def gather_process_rows(rows: np.ndarray, n: int) -> np.ndarray:
+  """Concatenates every process's ``process_shard(n)`` rows, in order.
+
+  Args:
+    rows: (len(process_shard(n)), ...) this process's rows of an n-row
+      array.
+    n: total rows.
+
+  Returns:
+    (n, ...) the whole array, on every process; each row comes from exactly
+    the process that owns it.
+  """
+  rows = np.asarray(rows)
+  mine = process_shard(n)
+  if len(rows) != mine.stop - mine.start:
+    raise ValueError(f"process {jax.process_index()} holds {len(rows)} rows"
+                     f" but owns {mine.stop - mine.start} of {n}")
+  count = jax.process_count()
+  if count == 1:
+    return rows
+  shards = [pipeline.shard_for_process(n, p, count) for p in range(count)]
+  longest = max(s.stop - s.start for s in shards)
+  # process_allgather needs one shape everywhere: pad to the longest shard.
+  padded = np.zeros((longest,) + rows.shape[1:], rows.dtype)
+  padded[:len(rows)] = rows
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([gathered[p, :s.stop - s.start]
+                         for p, s in enumerate(shards)])
+
+
+def local_rows(x: jax.Array, mesh: jax.sharding.Mesh) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, on the host.
+
+  The inverse of ``shard_batch`` for one process: what it put in, it gets
+  back, in order. ``np.asarray`` cannot fetch an array that spans other
+  processes' devices.
+  """
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, mesh, P(DATA_AXIS)))
+
+
+def process_eval_batches(images: np.ndarray, labels: np.ndarray | None, *,
+                         global_batch_size: int, mode: str,
+                         offset: int = 0) -> Any:
+  """In-order eval batches of this process's rows, as many on every process.
+
+  Each process passes only the rows it owns (``process_shard``); batches
+  hold ``global_batch_size / P`` rows; shorter processes add fully masked
+  batches so all of them run the same number of global steps (a jitted
+  step is a collective: a process that stopped early would hang the
+  others). ``index`` is shifted by ``offset`` (the shard's first row), so it
+  names the row of the whole split; padding rows have ``mask`` False.
+
+  Yields:
+    dicts as ``pipeline.eval_batches``: 'image' (B/P, H, W, 3), 'label' if
+    given, 'index' (B/P,), 'mask' (B/P,).
+  """
+  bs = local_batch_size(global_batch_size)
+  steps = max_over_processes(-(-len(images) // bs))
+  done = 0
+  if len(images):
+    for batch in pipeline.eval_batches(images, labels, batch_size=bs,
+                                       mode=mode):
+      batch["index"] = np.where(batch["mask"], batch["index"] + offset, -1)
+      done += 1
+      yield batch
+  h, w = images.shape[1:3]
+  for _ in range(done, steps):
+    batch = {"image": np.zeros((bs, h, w, 3), np.float32)}
+    if labels is not None:
+      batch["label"] = np.full((bs,) + labels.shape[1:], 255, np.int32)
+    batch["index"] = np.full((bs,), -1, np.int32)
+    batch["mask"] = np.zeros((bs,), bool)
+    yield batch

@@ -118,36 +118,49 @@ def ensure_base_model(config, workdir: str, log, *,
 
 
 def _probs_batches(run, state, images, predict_jit):
-  """Yields (probs on device (B,H,W,C), mask (B,) host) over ``images``."""
-  for batch in pipeline.eval_batches(
-      images, None, batch_size=train_loop._eval_batch_size(run),  # pylint: disable=protected-access
+  """Yields global probs (B, H, W, C), global mask (B,) and this process's
+  host mask (B / P,) over this process's ``images`` (its share)."""
+  for batch in parallel.process_eval_batches(
+      images, None, global_batch_size=train_loop._eval_batch_size(run),  # pylint: disable=protected-access
       mode=run.config.data.normalization):
-    probs = predict_jit(state, parallel.shard_batch(
-        {"image": batch["image"]}, run.mesh)["image"])
-    yield probs, batch["mask"]
+    keep = batch["mask"]
+    sharded = parallel.shard_batch(
+        {"image": batch["image"], "mask": keep}, run.mesh)
+    yield predict_jit(state, sharded["image"]), sharded["mask"], keep
 
 
 def make_pseudo_labels(run, state, round_index: int, phase: int,
                        ground_truth: np.ndarray | None) -> dict[str, Any]:
   """Runs the two-pass labelling of one round.
 
+  Multi-process: each process feeds only its share of the target images
+  (``run.data``) into global batches, so every image is labelled once, by
+  the process that owns it. The threshold histogram is updated by a jitted
+  function of the global batch, i.e. XLA sums the per-device (and so the
+  per-process) histograms: every process gets the global λ_k. The per-image
+  outputs are then gathered in image order (``gather_process_rows``) and
+  the easy/hard split is taken over all images, as in one process. (The
+  exact form, ``pl.class_thresholds``, needs every confidence in one host
+  array; it is the oracle in tests, not used here.)
+
   Returns:
     dict with ``pl_label`` (N, H, W) uint8, ``pl_weight`` (N, H, W) float32,
     ``is_easy`` (N,) bool, ``thresholds`` (C,) float32, ``before`` (N, H, W)
-    uint8 CBST labels, and ``diagnostics`` (JSON-able).
+    uint8 CBST labels, and ``diagnostics`` (JSON-able); N is the whole
+    target train split, on every process.
   """
   st = run.config.self_training
-  images = run.data["target_train"].images
+  images = run.data["target_train"].images  # this process's share
   c = run.num_classes
   predict_jit = train_loop.make_predict_jit(run)
   portion = pl.target_portion(round_index, st.portion_init, st.portion_step,
                               st.portion_max)
 
   # Pass A: streaming thresholds, O(C x bins) memory on device.
-  hist = pl.init_threshold_histogram(c, st.num_bins)
-  for probs, mask in _probs_batches(run, state, images, predict_jit):
-    valid = jnp.broadcast_to(jnp.asarray(mask)[:, None, None],
-                             probs.shape[:3])
+  hist = parallel.replicate(pl.init_threshold_histogram(c, st.num_bins),
+                            run.mesh)
+  for probs, mask, _ in _probs_batches(run, state, images, predict_jit):
+    valid = jnp.broadcast_to(mask[:, None, None], probs.shape[:3])
     hist = pl.update_threshold_histogram(hist, probs, subsample=st.subsample,
                                          valid=valid)
   thresholds = np.asarray(pl.thresholds_from_histogram(
@@ -156,24 +169,27 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   # Pass B: labels, densification, image confidence.
   lam = jnp.asarray(thresholds)
   before, after, conf, full, full_w = [], [], [], [], []
-  for probs, mask in _probs_batches(run, state, images, predict_jit):
+  rows = lambda x: parallel.local_rows(x, run.mesh)
+  for probs, _, keep in _probs_batches(run, state, images, predict_jit):
     cbst = pl.select(probs, lam)
     dense = cbst
     if st.voting and (phase == 1 or st.phase2_hard_labels == "voted"):
       dense = pl.densify(probs, cbst, lam, window=st.window, alpha=st.alpha,
                          num_iters=st.num_iters, pooling=st.pooling,
                          combine=st.combine, top_k=st.top_k)
-    keep = np.asarray(mask)
-    before.append(np.asarray(cbst)[keep])
-    after.append(np.asarray(dense)[keep])
+    before.append(rows(cbst)[keep])
+    after.append(rows(dense)[keep])
     if phase == 2:
-      conf.append(np.asarray(pl.image_confidence(probs, lam))[keep])
+      conf.append(rows(pl.image_confidence(probs, lam))[keep])
       labels, weights = pl.easy_image_labels(probs, lam, gamma=st.gamma)
-      full.append(np.asarray(labels)[keep])
-      full_w.append(np.asarray(weights)[keep])
-  before = np.concatenate(before).astype(np.uint8)
-  after = np.concatenate(after).astype(np.uint8)
-  n = len(before)
+      full.append(rows(labels)[keep])
+      full_w.append(rows(weights)[keep])
+  n = int(parallel.sum_over_processes(np.asarray(len(images))))
+  # Every process's rows, in image order, on every process.
+  whole = lambda parts, dtype: parallel.gather_process_rows(
+      np.concatenate(parts).astype(dtype), n)
+  before = whole(before, np.uint8)
+  after = whole(after, np.uint8)
   diag: dict[str, Any] = {
       "round": round_index, "phase": phase, "portion": float(portion),
       "thresholds": {name: float(v) for name, v in
@@ -189,11 +205,11 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
       diag["precision_cbst"] = float(pl.label_precision(before, ground_truth))
       diag["precision_voted"] = float(pl.label_precision(after, ground_truth))
   else:
-    conf = np.concatenate(conf)
+    conf = whole(conf, np.float32)
     is_easy = np.asarray(pl.easy_hard_split(jnp.asarray(conf),
                                             st.easy_fraction))
-    full = np.concatenate(full).astype(np.uint8)
-    full_w = np.concatenate(full_w).astype(np.float32)
+    full = whole(full, np.uint8)
+    full_w = whole(full_w, np.float32)
     if st.phase2_hard_labels == "voted":
       # Hard images keep the phase-1 (CBST + voting) labels besides the
       # adversarial term; 'none' leaves them to the adversary alone.
@@ -340,7 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         data = make_pseudo_labels(run, state, r, phase, gt)
         save_pseudo_labels(run, r, data)
         if run.is_main and st.num_pictures:
-          k = min(st.num_pictures, len(data["before"]))
+          # Process 0's share starts at image 0.
+          k = min(st.num_pictures, len(run.data["target_train"].images))
           visualize.save_pseudo_label_grid(
               run.path("pictures", f"pseudo_labels_round{r}.png"),
               run.data["target_train"].images[:k], data["before"][:k],
@@ -357,10 +374,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             steps.make_phase2_step
         compiled[phase] = train_loop.compile_step(
             run, make(run.models, config, run.tx, run.disc_tx))
-      n = len(data["pl_label"])
+      # The labels cover the whole split; batches draw from this
+      # process's share (run.data), so keep the matching rows.
+      mine = parallel.process_shard(len(data["pl_label"]))
+      n = mine.stop - mine.start
       extras = {
-          "pl_label": data["pl_label"], "pl_weight": data["pl_weight"],
-          "is_easy": data["is_easy"],
+          "pl_label": data["pl_label"][mine],
+          "pl_weight": data["pl_weight"][mine],
+          "is_easy": data["is_easy"][mine],
           "thresholds": np.broadcast_to(data["thresholds"],
                                         (n, run.num_classes)).copy(),
       }

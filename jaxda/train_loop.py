@@ -32,15 +32,19 @@ import numpy as np
 from jaxda import checkpoint as checkpoint_lib
 from jaxda import classification_run
 from jaxda import evaluation
+from jaxda import full_resolution
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda import parallel
 from jaxda import state as state_lib
 from jaxda import visualize
 from jaxda import writers
+from jaxda.data import augment
 from jaxda.data import pipeline
+from jaxda.data import sources
 from jaxda.methods import base
 from jaxda.methods import get_method
+from jaxda.weights import torch_import
 
 
 class TrainingDivergedError(RuntimeError):
@@ -138,6 +142,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        "config.model.aspp_branches_used must be in 1..4")
   need(config.log_every >= 1 and config.checkpoint_every >= 1,
        "config.log_every and config.checkpoint_every must be >= 1")
+  need(config.get("grad_accum_steps", 1) >= 1,
+       "config.grad_accum_steps must be >= 1")
 
 
 def load_data(config, method: base.Method) -> dict[str, pipeline.Domain]:
@@ -154,7 +160,9 @@ def load_data(config, method: base.Method) -> dict[str, pipeline.Domain]:
     return pipeline.load_domain(
         domain_cfg.name, role=role, data_dir=domain_cfg.data_dir or None,
         split=split, height=height, width=width, num_images=num_images,
-        seed=config.data.seed, require_labels=require_labels)
+        seed=config.data.seed, require_labels=require_labels,
+        resize_mismatched_labels=config.data.get(
+            "resize_mismatched_labels", False))
 
   data = {}
   if method.uses_source_images:
@@ -176,12 +184,31 @@ def load_data(config, method: base.Method) -> dict[str, pipeline.Domain]:
     raise pipeline.DataError(
         f"source and target class lists differ: {sorted(names)}; both domains"
         " must share one label space (classes.txt)")
-  return data
+  # Each process keeps only its contiguous share of every split (all of it
+  # in a single process); batches and passes never touch the others' rows.
+  return {name: process_share(d) for name, d in data.items()}
+
+
+def process_share(domain: pipeline.Domain) -> pipeline.Domain:
+  """The rows of ``domain`` this process owns (``parallel.process_shard``)."""
+  rows = parallel.process_shard(len(domain.images))
+  return dataclasses.replace(
+      domain, images=domain.images[rows],
+      labels=None if domain.labels is None else domain.labels[rows])
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates the config, loads data, builds models and optimisers."""
   validate_config(config)
+  try:  # A no-op unless config.distributed / JAX_* ask for several processes.
+    parallel.initialize_distributed(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if jax.process_count() > 1 and (
+      classification_run.is_classification(config) or config.method == "gam"):
+    # Their own evaluation/statistics passes read whole splits.
+    raise ConfigError(f"{config.method} runs in one process; multi-process"
+                      " runs support the segmentation loop and self-training")
   method = get_method(config.method)
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(
@@ -200,13 +227,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   segmenter = models_lib.create_segmenter(
       config.model.name, len(class_names),
       multi_level=config.model.multi_level,
-      aspp_branches_used=config.model.aspp_branches_used)
+      aspp_branches_used=config.model.aspp_branches_used,
+      remat=config.model.get("remat", False), **precision_options(config))
   disc = None
   disc_tx = None
   sched = config.optim.schedule_steps
-  schedule_steps = config.num_steps if sched in (-1, None) else sched
+  accum = int(config.get("grad_accum_steps", 1))
+  # Schedules count optimiser updates: one per `accum` batches.
+  schedule_steps = (-(-config.num_steps // accum) if sched in (-1, None)
+                    else sched)
   if method.discriminator_inputs != "none":
-    disc = models_lib.create_discriminator(config.adversarial.ndf)
+    disc = models_lib.create_discriminator(config.adversarial.ndf).clone(
+        **precision_options(config))
     disc_tx = optim.make_discriminator_tx(
         learning_rate=config.adversarial.learning_rate,
         schedule_steps=schedule_steps, b1=config.adversarial.b1,
@@ -219,9 +251,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       head_regexes=(models_lib.head_param_regex,),
       head_lr_mult=config.optim.head_lr_mult, frozen_regexes=frozen,
       optimizer=config.optim.optimizer)
+  tx = optim.accumulate(tx, accum)
+  disc_tx = None if disc_tx is None else optim.accumulate(disc_tx, accum)
   return _make_run(config, workdir, mesh, method, data, class_names,
                    models=base.Models(segmenter, disc), tx=tx,
                    labels_fn=labels_fn, disc_tx=disc_tx)
+
+
+def precision_options(config) -> dict[str, Any]:
+  """``dtype`` / ``conv_impl`` model attributes from ``config.model``.
+
+  bfloat16 compute keeps float32 parameters and float32 logits (the models
+  cast them), so optimiser state and losses stay in full precision.
+  """
+  dtype = config.model.get("compute_dtype", "float32")
+  if dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.compute_dtype={dtype!r}; use 'float32'"
+                      " or 'bfloat16'")
+  return {"dtype": None if dtype == "float32" else jnp.bfloat16,
+          "conv_impl": config.model.get("conv_impl", "auto")}
 
 
 def _make_run(config, workdir, mesh, method, data, class_names, *, models,
@@ -306,7 +354,32 @@ def init_or_restore(run: Run) -> tuple[state_lib.TrainState, int]:
     warm = load_segmenter_weights(run, state, init_path)
     run.log(f"Initialised the segmenter from {init_path}")
     return warm, 0
+  if run.config.model.get("init_weights"):
+    return load_init_weights(run, state, run.config.model.init_weights), 0
   return state, 0
+
+
+def load_init_weights(run: Run, state, path: str):
+  """Overlays converted (e.g. PyTorch ImageNet) weights onto ``state``.
+
+  ``path`` is an ``experiments.import_weights`` output. Leaves it lacks (the
+  ASPP heads of a backbone-only file) keep their random init; a leaf it has
+  that the model lacks, or a shape mismatch, is an error.
+  """
+  weights = checkpoint_lib.load_weights(path)
+  try:
+    params, kept = torch_import.overlay(state.params, weights["params"],
+                                        "params", path)
+    stats, _ = torch_import.overlay(state.batch_stats, weights["batch_stats"],
+                                    "batch_stats", path)
+  except torch_import.WeightImportError as e:
+    raise checkpoint_lib.CheckpointError(str(e)) from None
+  modules = sorted({k.rsplit("/", 1)[0] for k in kept})
+  run.log(f"Initialised the segmenter from converted weights {path}; random"
+          f" init kept in {len(modules)} modules: {', '.join(modules[:10])}"
+          + (" ..." if len(modules) > 10 else ""))
+  return state.replace(params=params, batch_stats=stats,
+                       opt_state=jax.jit(run.tx.init)(params))
 
 
 def load_segmenter_weights(run: Run, state, path: str):
@@ -370,10 +443,15 @@ def paired_batches(run: Run, start_step: int,
     if domain is None:
       continue
     iters[role] = pipeline.train_batches(
-        domain.images, domain.labels, batch_size=bs, seed=seeds[role],
+        domain.images, domain.labels, batch_size=bs,
+        seed=parallel.process_seed(seeds[role]),
         start_step=start_step, flip=config.data.flip,
         mode=config.data.normalization,
         extras=target_extras if role == "target" else None)
+    # Random scale / crop (config.data.scale_*, crop_*); a no-op by default.
+    iters[role] = augment.from_config(
+        iters[role], config, seed=parallel.process_seed(seeds[role]),
+        start_step=start_step)
   while True:
     yield {role: next(it) for role, it in iters.items()}
 
@@ -499,7 +577,11 @@ def run_steps(run: Run, state, step_jit: Callable, batches: Iterator[dict],
         ckpt_now = (done % config.checkpoint_every == 0 or done == stop
                     or stop_signal is not None)
         if log_now or ckpt_now:
-          host = jax.device_get(pending)
+          # The loop's only device-to-host reads are here and in the
+          # checkpoint below; every other step runs without a host sync
+          # (tested under a `transfer_guard` that disallows the rest).
+          with jax.transfer_guard_device_to_host("allow"):
+            host = jax.device_get(pending)
           stacked = {k: np.stack([m[k] for m in host]) for k in host[0]}
           _check_finite(stacked, first_pending, done, run)
           means = {f"{prefix}/{k}": float(np.mean(v))
@@ -515,7 +597,8 @@ def run_steps(run: Run, state, step_jit: Callable, batches: Iterator[dict],
           progress.update(len(pending), loss=f"{means[prefix + '/loss']:.4f}")
           pending, first_pending = [], done
         if ckpt_now:
-          run.checkpointer.save(done, state)
+          with jax.transfer_guard_device_to_host("allow"):
+            run.checkpointer.save(done, state)
         if stop_signal is not None:
           # Orbax writes asynchronously; "checkpoint saved" must be true
           # before the process exits (a second signal still interrupts).
@@ -541,9 +624,10 @@ def make_predict_jit(run: Run) -> Callable:
 
 
 def eval_batches(run: Run, domain: pipeline.Domain) -> Iterator[dict]:
-  return pipeline.eval_batches(
-      domain.images, domain.labels,
-      batch_size=_eval_batch_size(run), mode=run.config.data.normalization)
+  """Eval batches of this process's rows (as many on every process)."""
+  return parallel.process_eval_batches(
+      domain.images, domain.labels, global_batch_size=_eval_batch_size(run),
+      mode=run.config.data.normalization)
 
 
 def _eval_batch_size(run: Run) -> int:
@@ -560,6 +644,9 @@ def evaluate_target(run: Run, state, step: int, *,
   if classification_run.is_classification(run.config):
     return classification_run.evaluate_target(run, state, step,
                                               prefix=prefix)
+  if full_resolution.applies(run.config, run.data["target_val"]):
+    # Real data sets: logits upsampled to the full-resolution labels.
+    return full_resolution.evaluate_target(run, state, step, prefix=prefix)
   predict = evaluation.make_predict_fn(
       run.models, bn_mode=run.config.model.bn_mode,
       align_corners=run.config.model.upsample_align_corners)
@@ -572,7 +659,8 @@ def evaluate_target(run: Run, state, step: int, *,
   confusion = evaluation.evaluate(confusion_fn, state,
                                   eval_batches(run, domain), run.mesh)
   result = evaluation.summarize_confusion(confusion, run.class_names)
-  result["num_images"] = int(len(domain.images))
+  result["num_images"] = int(parallel.sum_over_processes(
+      np.asarray(len(domain.images))))
   result["confusion"] = confusion.tolist()
   run.writer.write_scalars(step, {
       f"{prefix}/miou": result["miou"],
@@ -582,15 +670,19 @@ def evaluate_target(run: Run, state, step: int, *,
 
 def predict_labels(run: Run, state, images_uint8: np.ndarray,
                    predict_jit: Callable | None = None) -> np.ndarray:
-  """Argmax predictions (N, H, W) for host images (pads to the mesh)."""
+  """Argmax predictions (N, H, W) for host images (pads to the mesh).
+
+  Every process must call it (a global computation), each with its own
+  images; each gets its own images' predictions.
+  """
   predict_jit = predict_jit or make_predict_jit(run)
-  out = []
-  for batch in pipeline.eval_batches(images_uint8, None,
-                                     batch_size=_eval_batch_size(run),
-                                     mode=run.config.data.normalization):
+  out = [np.zeros((0,) + images_uint8.shape[1:3], np.int32)]
+  for batch in parallel.process_eval_batches(
+      images_uint8, None, global_batch_size=_eval_batch_size(run),
+      mode=run.config.data.normalization):
     probs = predict_jit(state, parallel.shard_batch(
         {"image": batch["image"]}, run.mesh)["image"])
-    preds = np.asarray(jnp.argmax(probs, axis=-1))
+    preds = parallel.local_rows(jnp.argmax(probs, axis=-1), run.mesh)
     out.append(preds[batch["mask"]])
   return np.concatenate(out).astype(np.int32)
 
@@ -600,12 +692,13 @@ def save_pictures(run: Run, state, result: dict[str, Any], *,
   """Target overlays, training curves and the confusion matrix (PNG)."""
   if classification_run.is_classification(run.config):
     return classification_run.save_pictures(run, state, result, tag=tag)
-  if not run.is_main:
-    return {}
   cfg = run.config
   n = min(cfg.eval.num_pictures, len(run.data["target_val"].images))
   domain = run.data["target_val"]
+  # Every process predicts (a global computation); only the main one draws.
   preds = predict_labels(run, state, domain.images[:n])
+  if not run.is_main:
+    return {}
   palette = visualize.default_palette(run.num_classes)
   suffix = f"_{tag}" if tag else ""
   paths = {
@@ -643,6 +736,9 @@ def finish(run: Run, state, result: dict[str, Any], *,
   else:
     target = {k: result[k] for k in ("miou", "pixel_accuracy",
                                      "per_class_iou", "num_images")}
+    # Full-resolution evaluation of real data sets adds these.
+    target.update({k: result[k] for k in ("miou13", "num_pixels")
+                   if k in result})
     table = evaluation.format_iou_table(result)
     headline = (f"target mIoU {100 * result['miou']:.2f}% (pixel acc."
                 f" {100 * result['pixel_accuracy']:.2f}%)")
@@ -713,6 +809,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         f" on {run.mesh.devices.size} device(s), model {config.model.name},"
         f" {_num_params(state.params) / 1e6:.2f}M parameters; workdir"
         f" {os.path.abspath(workdir)}")
+    for name, domain in run.data.items():  # Real data: files found.
+      if (line := sources.describe(name, domain)) is not None:
+        run.log(f"  {line}")
     if start < config.num_steps:
       step_jit = compile_step(run)
       state = run_steps(run, state, step_jit, paired_batches(run, start),

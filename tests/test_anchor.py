@@ -449,3 +449,18 @@ def test_phase2_carries_early_moments_only():
   counts = {k: int(v) for k, v in flat2.items() if k.endswith(".count")}
   # Adam's counter follows its moments (3); the schedule's stays fresh (0).
   assert sorted(counts.values()) == [0, 3], counts
+
+
+def test_default_headfreeze_phase1_is_the_mtl_run():
+  """Default HeadFreeze = the MTL-a run's exact schedule, then extra steps."""
+  both = anchor_cfg.get_config("mtl_a")
+  mtl = anchor_cfg.get_config("mtl_a,no_freeze")
+  n1 = driver.phase1_steps(both)
+  assert n1 == mtl.num_steps < both.num_steps
+  assert driver.phase1_schedule_steps(both) == n1
+  assert driver.phase1_schedule_steps(mtl) == mtl.num_steps
+  # A negative phase-2 LR continues one schedule over both phases.
+  both.anchor.phase2_learning_rate = -1.0
+  assert driver.phase1_schedule_steps(both) == both.num_steps
+  both.optim.schedule_steps = 77
+  assert driver.phase1_schedule_steps(both) == 77

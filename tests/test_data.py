@@ -324,6 +324,9 @@ def test_export_synthetic_benchmark(tmp_path, scenes):
 
 def test_load_domain_dispatch(tmp_path):
   with pytest.raises(errors.DataError, match="'synthetic', 'folder'"):
+    pipeline.load_domain('gta6', data_dir=tmp_path)
+  # 'gta5' is a real data set now: a wrong directory names the layout.
+  with pytest.raises(errors.DataError, match='images/.*labels/'):
     pipeline.load_domain('gta5', data_dir=tmp_path)
   with pytest.raises(errors.DataError, match='role'):
     pipeline.load_domain('synthetic', data_dir=tmp_path)

@@ -10,19 +10,28 @@ The default is MTL-a + HeadFreeze. Variants (comma-separated):
   ``mtl_src``   main + anchor on the source only
   ``mtl_smta``  main on the source, anchor on the target only
   ``mtl_a``     main + anchor on the source, anchor on the target
-  ``freeze``    two phases; phase 2 freezes decoder + heads (HeadFreeze)
+  ``freeze``    the 1000-step MTL run, then 200 HeadFreeze steps (decoder +
+                heads frozen, fresh poly schedule from 1e-4)
   ``no_freeze`` one phase of ``num_steps`` (the plain MTL variant)
   ``adversarial`` + output-space discriminator on the main output
   ``tiny``      a few steps on small images (tests)
 e.g. ``:mtl_a,no_freeze`` or ``:mtl_src,freeze,tiny``.
+
+No ``paper`` variant: the paper's numbers were not obtained and its setting
+(SUNCG -> NYUv2 surface normals) has no jaxda reader (METHODS.md §11, §14.6).
 """
 
 import ml_collections
 
 from experiments.configs import common
 
-# HeadFreeze phase-2 steps of the two-phase variants (the last 40%).
-_PHASE2_STEPS = 400
+# Phase 1 is the full MTL run (its poly schedule ends at 0); HeadFreeze adds
+# _PHASE2_STEPS steps on a fresh schedule from _PHASE2_LR. Measured over 3
+# seeds (README): this beats MTL-a by 0.8 points; 400 steps carved out of a
+# 1000-step run (continuing the schedule) lost 1.0 point to MTL-a.
+_PHASE1_STEPS = 1000
+_PHASE2_STEPS = 200
+_PHASE2_LR = 1e-4
 
 
 def _weights(source_main, source_anchor, target_anchor):
@@ -54,11 +63,15 @@ def _mtl_a(c):
 
 
 def _freeze(c):
+  c.num_steps = _PHASE1_STEPS + _PHASE2_STEPS
   c.anchor.phase2_steps = _PHASE2_STEPS
+  c.anchor.phase2_learning_rate = _PHASE2_LR
 
 
 def _no_freeze(c):
+  c.num_steps = _PHASE1_STEPS
   c.anchor.phase2_steps = 0
+  c.anchor.phase2_learning_rate = -1.0
 
 
 def _adversarial(c):
@@ -77,9 +90,9 @@ def _tiny(c):
 def get_config(variant: str = ""):
   c = common.get_base_config()
   c.method = "anchor"
-  c.num_steps = 1000
+  c.num_steps = _PHASE1_STEPS + _PHASE2_STEPS  # both phases
   c.optim.optimizer = "adam"  # from-scratch multi-task net: Adam is robust
-  c.optim.learning_rate = 1e-3  # Adam LR (poly decay over num_steps)
+  c.optim.learning_rate = 1e-3  # Adam LR (poly decay over phase 1)
   c.optim.weight_decay = 0.0  # no coupled L2 with Adam
   c.optim.head_lr_mult = 1.0  # task heads at the base LR
 
@@ -89,7 +102,7 @@ def get_config(variant: str = ""):
   c.anchor.phase2_weights = _weights(1.0, 1.0, 1.0)  # HeadFreeze phase 2
   c.anchor.phase2_steps = _PHASE2_STEPS  # HeadFreeze steps (last); 0 = off
   c.anchor.late_regexes = (r"^decoder/", r"^head_")  # frozen in phase 2
-  c.anchor.phase2_learning_rate = -1.0  # <0: continue the global schedule
+  c.anchor.phase2_learning_rate = _PHASE2_LR  # <0: continue global schedule
   c.anchor.phase2_carry_moments = False  # keep early layers' Adam moments
   c.anchor.lambda_adv = 0.0  # output-space adversarial weight; 0 = off
   c.anchor.adv_input = "main"  # D input: 'main' | 'anchor' | 'both'

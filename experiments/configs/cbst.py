@@ -3,6 +3,10 @@
 Run:
   python -m experiments.cbst --config=experiments/configs/cbst.py
 Variants: ``tiny``, ``paper`` (see tpld.py).
+
+``paper`` targets GTA5 -> Cityscapes 46.47 mIoU (CBST, R101, CRST's PyTorch re-
+run; paper 45.9, UNVERIFIED), METHODS.md §14.1. Real data and weights for
+``paper``: experiments/configs/common.py.
 """
 
 from experiments.configs import tpld

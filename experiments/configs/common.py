@@ -9,6 +9,19 @@ Several presets combine with commas: ``:paper,single_ls``.
 
 * ``'paper'``: DeepLab-v2 ResNet-101 at 512x1024, batch 1, the originals'
   optimiser; needs real data (``--config.source.name=folder`` ...).
+
+  The published benchmark (each method's config names the number its
+  ``paper`` run targets; README "Published vs jaxda"):
+
+    --config.source.name=gta5 --config.source.data_dir=GTA5_ROOT
+    --config.target.name=cityscapes --config.target.data_dir=CITYSCAPES_ROOT
+    (SYNTHIA -> Cityscapes: ``synthia`` and ``cityscapes16``)
+    --config.model.init_weights=W
+
+  with the layouts of jaxda/data/{gta5,cityscapes,synthia}.py and W made
+  once from the originals' DeepLab init (ImageNet+COCO, METHODS.md §3.1):
+  ``python -m experiments.import_weights --arch=resnet101 --drop=layer5
+  --torch=DeepLab_resnet_pretrained_init-f81d91e8.pth --out=W``.
 """
 
 import ml_collections
@@ -22,9 +35,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.num_steps = 1200  # training steps (AdaptSegNet: NUM_STEPS_STOP)
   c.batch_size = 8  # global batch per domain; divisible by the devices
   c.num_devices = -1  # -1: all visible devices; else the first N
+  c.grad_accum_steps = 1  # batches per optimiser update (optax.MultiSteps)
+
+  # Multi-process runs (README "Multi-host and TPU pods"); "" / 0 / -1 fall
+  # back to the JAX_* environment variables named here.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # process 0's "host:port"
+  c.distributed.num_processes = 0  # 0: JAX_NUM_PROCESSES or 1; -1: JAX detects
+  c.distributed.process_id = -1  # this process's rank; -1: JAX_PROCESS_ID/auto
+  c.distributed.local_device_ids = ""  # "0,1"; "": JAX_LOCAL_DEVICE_IDS or all
+  c.distributed.initialization_timeout = 300  # s to wait for every process
 
   c.source = ml_collections.ConfigDict()
-  c.source.name = "synthetic"  # 'synthetic' (embedded) or 'folder'
+  # 'synthetic' (embedded), 'folder', or a real data set read from data_dir
+  # in its distributed layout: 'gta5', 'synthia', 'cityscapes',
+  # 'cityscapes16' (jaxda.data.sources; README "Real datasets")
+  c.source.name = "synthetic"
   c.source.data_dir = ""  # folder root; for 'synthetic' the cache dir
   c.target = ml_collections.ConfigDict()
   c.target.name = "synthetic"  # as source.name
@@ -38,6 +64,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.seed = 0  # synthetic benchmark generator seed (fixed across runs)
   c.data.normalization = "unit"  # 'unit' | 'imagenet' | 'caffe_bgr'
   c.data.flip = False  # random horizontal mirror (originals: none)
+  c.data.scale_min = 1.0  # random scale lower bound (CRST 0.5; 1 = off)
+  c.data.scale_max = 1.0  # random scale upper bound (CRST 1.5)
+  c.data.scale_step = 0.0  # scale grid spacing (CRST 0.1); 0 = continuous
+  c.data.crop_height = 0  # random crop height after scaling; 0 = no crop
+  c.data.crop_width = 0  # random crop width (CRST 1024); 0 = no crop
+  c.data.resize_mismatched_labels = False  # real data: resize, not fail
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "deeplabv2_tiny"  # jaxda.models.SEGMENTER_NAMES
@@ -45,7 +77,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.aspp_branches_used = 4  # 2 reproduces AdaptSegNet's early return
   c.model.bn_mode = "source"  # 'frozen' | 'train' (originals) | 'source'
   c.model.upsample_align_corners = True  # originals: align_corners=True
+  c.model.compute_dtype = "float32"  # or 'bfloat16' (params, losses: f32)
+  c.model.remat = False  # recompute backbone blocks in backward (memory)
+  c.model.conv_impl = "auto"  # 'auto' | 'lax' | 'dot' (jaxda.models.conv)
   c.model.init_checkpoint = ""  # workdir of a run to warm-start from
+  c.model.init_weights = ""  # experiments.import_weights --out DIR (partial OK; init_checkpoint wins)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "sgd"  # 'sgd' (originals) or 'adam'
@@ -76,6 +112,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # evaluation batch (rounded to the devices)
   c.eval.num_pictures = 4  # target images drawn in the prediction picture
+  c.eval.full_resolution = True  # real data: score at the labels' size
 
   c.log_every = 50  # steps between metric logs (and NaN checks)
   c.checkpoint_every = 200  # steps between checkpoints

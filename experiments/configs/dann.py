@@ -7,6 +7,13 @@ Run:
   python -m experiments.dann --config=experiments/configs/dann.py
 Variants (comma-separated, see classification_common): ``tiny``,
 ``mnist_m``, ``resnet50``, ``paper``, ``tllib``.
+
+``paper`` targets Office-31 82.2 % average accuracy (original DANN, ResNet-50;
+A->W 82.0; tllib's recipe 86.1), METHODS.md §14.4. ``paper`` on Office-31:
+``--config.source.name=office31:amazon --config.target.name=office31:webcam``
+with ``data_dir`` at the dataset root (layout: jaxda/data/office.py); jaxda's
+ResNet-50 trains from scratch there (no ImageNet import for the classifier
+yet), so expect far less than the published numbers.
 """
 
 from experiments.configs import classification_common

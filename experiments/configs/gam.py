@@ -22,6 +22,10 @@ Measured on the embedded benchmark (seeds 0, 1, 2, 600 steps from the
 source-only base): target mIoU 33.27 ± 2.47 vs 22.94 ± 0.76 for the base;
 ``gaussian_only`` 26.75 ± 2.29; ``disc_only`` 11.04 ± 4.25 (the same
 adversarial weights without matching wreck the network).
+
+``paper`` has no published target: DAM's segmentation numbers (ERFNet) were not
+obtained (METHODS.md §14.5-14.6); compare with jaxda's own source-only R101
+run. Real data and weights for ``paper``: experiments/configs/common.py.
 """
 
 import ml_collections

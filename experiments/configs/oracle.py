@@ -3,6 +3,10 @@
 Run:
   python -m experiments.oracle --config=experiments/configs/oracle.py
 Variants: ``:tiny``, ``:paper``.
+
+``paper`` targets Cityscapes val 65.1 mIoU (AdaptSegNet's oracle, DeepLab-v2
+R101; tllib: 70.5), METHODS.md §14.1. Real data and weights for ``paper``:
+experiments/configs/common.py.
 """
 
 from experiments.configs import common

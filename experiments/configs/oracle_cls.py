@@ -5,6 +5,13 @@ Run:
   python -m experiments.oracle_cls --config=experiments/configs/oracle_cls.py
 Variants (comma-separated, see classification_common): ``tiny``,
 ``mnist_m``, ``resnet50``, ``paper``, ``tllib``.
+
+``paper``: no published target-oracle accuracy (METHODS.md §14.4 lists none).
+``paper`` on Office-31: ``--config.source.name=office31:amazon
+--config.target.name=office31:webcam`` with ``data_dir`` at the dataset root
+(layout: jaxda/data/office.py); jaxda's ResNet-50 trains from scratch there (no
+ImageNet import for the classifier yet), so expect far less than the published
+numbers.
 """
 
 from experiments.configs import classification_common

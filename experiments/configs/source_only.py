@@ -3,6 +3,10 @@
 Run:
   python -m experiments.source_only --config=experiments/configs/source_only.py
 Variants: ``:tiny`` (smoke test), ``:paper`` (DeepLab-v2 R101, 512x1024).
+
+``paper`` targets GTA5 -> Cityscapes 36.6 mIoU (DeepLab-v2 R101, ImageNet+COCO
+init; CRST's re-run: 33.35), METHODS.md §14.1. Real data and weights for
+``paper``: experiments/configs/common.py.
 """
 
 from experiments.configs import common

@@ -24,6 +24,11 @@ source-only model, portion 0.2): voting with 3 iterations raises density
 25.6% without it, 24.4% with α = 0.1; CE 25.4% vs 24.5% with 0.01), so the
 CPU default is TPLD on a CBST base (``mrkld_weight = 0``; the paper reports
 TPLD on CBST, LRENT and MRKLD bases); ``crst`` and ``paper`` turn it on.
+
+``paper`` targets GTA5 -> Cityscapes 51.2 mIoU (MRKLD + TPLD, R101, SECONDARY;
+on CBST 47.8) and SYNTHIA -> Cityscapes 47.3 / 53.5 (16 / 13 classes),
+METHODS.md §14.1, §14.3. Real data and weights for ``paper``:
+experiments/configs/common.py.
 """
 
 import ml_collections

@@ -1,7 +1,9 @@
 """In-memory input pipeline: domain loading, normalisation and batching.
 
 Data sets are small enough for host memory (uint8 arrays), so batching is
-plain NumPy indexing. Training order is a pure function of (seed, step):
+plain NumPy indexing. The real benchmarks (`jaxda.data.sources`) pass lazy
+array views instead, which decode only the rows a batch indexes. Training
+order is a pure function of (seed, step):
 
 * epoch e visits the images in `np.random.default_rng([seed, e])
   .permutation(N)` order;
@@ -27,6 +29,10 @@ from jaxda.data import synthetic
 
 DataError = errors.DataError  # Re-exported for callers of this module.
 DOMAIN_NAMES = ('synthetic', 'folder') + digits.DOMAINS
+# Readers of the distributed layouts (jaxda.data.sources); data_dir required.
+REAL_DATASET_NAMES = ('gta5', 'cityscapes', 'cityscapes16', 'synthia',
+                      'office31:<domain>', 'officehome:<domain>',
+                      'mnist (idx files in data_dir)', 'usps', 'svhn')
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'jaxda')
 # Synthetic defaults when height / width / num_images are not given.
 SYNTHETIC_SIZE = (64, 128)
@@ -59,12 +65,17 @@ class Domain:
 
 def load_domain(name, *, role=None, data_dir=None, split='train',
                 height=None, width=None, num_images=None, seed=0,
-                require_labels=True):
+                require_labels=True, resize_mismatched_labels=False):
   """Loads one split of a domain by loader name.
 
   Args:
-    name: 'synthetic' (the embedded benchmark of `jaxda.data.synthetic`) or
-      'folder' (a directory in the `jaxda.data.folder` layout).
+    name: 'synthetic' (the embedded benchmark of `jaxda.data.synthetic`),
+      'folder' (a directory in the `jaxda.data.folder` layout), a digits
+      domain (`jaxda.data.digits`), or a real data set in its distributed
+      layout at `data_dir` ('gta5', 'cityscapes', 'cityscapes16',
+      'synthia', 'office31:<domain>', 'officehome:<domain>', 'usps',
+      'svhn', 'mnist' with the idx files; `jaxda.data.sources`), returned
+      with lazy `sources.LazyArray` images / labels.
     role: 'source' or 'target'. Required for 'synthetic', where it picks the
       appearance (flat rendered vs. textured camera look); for 'folder' it is
       only named in error messages.
@@ -80,6 +91,8 @@ def load_domain(name, *, role=None, data_dir=None, split='train',
     require_labels: folder: fail if the split has no labels/ folder. The
       synthetic benchmark always has labels and always returns them; drop
       them yourself for unsupervised target training.
+    resize_mismatched_labels: real segmentation data sets: resize a label
+      whose size differs from its image instead of failing.
 
   Returns:
     Domain with images uint8 (N, H, W, 3), labels uint8 (N, H, W) or None
@@ -105,6 +118,15 @@ def load_domain(name, *, role=None, data_dir=None, split='train',
         cache_dir, role, split, num_images=num_images, height=height,
         width=width, seed=seed)
     return Domain(images, labels, synthetic.CLASS_NAMES)
+  if real_dataset(name, data_dir):
+    # Real benchmarks in their distributed layouts (jaxda.data.sources),
+    # read lazily; num_images and seed do not apply.
+    from jaxda.data import sources  # pylint: disable=g-import-not-at-top
+    return sources.load_domain(
+        'mnist_files' if name == 'mnist' else name, data_dir=data_dir,
+        split=split, height=height, width=width,
+        require_labels=require_labels,
+        resize_mismatched_labels=resize_mismatched_labels)
   if name in digits.DOMAINS:
     # Classification: (N,) labels; images at (height, width), 28x28 default.
     cache_dir = DEFAULT_CACHE_DIR if data_dir is None else data_dir
@@ -122,7 +144,21 @@ def load_domain(name, *, role=None, data_dir=None, split='train',
                               height=height, width=width)
     return Domain(data.images, data.labels, data.class_names)
   raise errors.DataError(f'unknown domain loader {name!r}: use one of '
-                         f'{DOMAIN_NAMES}')
+                         f'{DOMAIN_NAMES}, or a real data set: '
+                         f'{REAL_DATASET_NAMES}')
+
+
+def real_dataset(name, data_dir=None):
+  """True if `name` picks a reader of `jaxda.data.sources` (real files).
+
+  'mnist' means the MNIST idx files when `data_dir` holds them, else the
+  embedded 5,000-image subset.
+  """
+  from jaxda.data import digit_files  # pylint: disable=g-import-not-at-top
+  from jaxda.data import sources  # pylint: disable=g-import-not-at-top
+  if name == 'mnist':
+    return digit_files.has_mnist_files(data_dir)
+  return sources.is_source_name(name)
 
 
 def load_depth(name, *, role=None, data_dir=None, split='train', height=None,
@@ -229,8 +265,8 @@ def train_batches(images, labels=None, *, batch_size, seed, start_step=0,
     labels were given, 'index' int32 (B,) rows of `images`, 'flipped' bool
     (B,) if `flip`, and one (B, ...) entry per extra.
   """
-  images = np.asarray(images)
-  labels = None if labels is None else np.asarray(labels)
+  images = _as_array(images)
+  labels = None if labels is None else _as_array(labels)
   extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
   _check_arrays(images, labels, extras)
   if batch_size < 1 or seed < 0 or start_step < 0:
@@ -296,8 +332,8 @@ def eval_batches(images, labels=None, *, batch_size, mode='unit'):
     ceil(N / B) dicts with 'image' float32 (B, H, W, 3), 'label' int32
     (B, H, W) if labels were given, 'index' int32 (B,) and 'mask' bool (B,).
   """
-  images = np.asarray(images)
-  labels = None if labels is None else np.asarray(labels)
+  images = _as_array(images)
+  labels = None if labels is None else _as_array(labels)
   _check_arrays(images, labels, None)
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
@@ -328,6 +364,17 @@ def eval_batches(images, labels=None, *, batch_size, mode='unit'):
       yield batch
 
   return stream()
+
+
+def _as_array(values):
+  """`np.asarray`, except for the lazy views of `jaxda.data.sources`.
+
+  A `sources.LazyArray` decodes only the rows a batch indexes, so the data
+  set never has to fit in memory.
+  """
+  if getattr(values, 'is_lazy_source', False):
+    return values
+  return np.asarray(values)
 
 
 def shard_for_process(n, process_index, process_count):

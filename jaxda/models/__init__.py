@@ -15,12 +15,17 @@ from jaxda.models import deeplab
 from jaxda.models import discriminator
 from jaxda.models import multitask
 from jaxda.models import resnet
+from jaxda.models import vgg
 
 ASPP = deeplab.ASPP
 DeepLabV2 = deeplab.DeepLabV2
 FCDiscriminator = discriminator.FCDiscriminator
 MultiTaskNet = multitask.MultiTaskNet
 ResNet = resnet.ResNet
+# VGG-16 (torchvision classifier) and DeepLab-v2 VGG-16 (METHODS.md §3.3);
+# build them directly, they are not in the segmenter registry.
+VGG16 = vgg.VGG16
+DeepLabV2VGG = vgg.DeepLabV2VGG
 ImageClassifier = classifier.ImageClassifier
 DomainDiscriminator = classifier.DomainDiscriminator
 RegionDiscriminators = classifier.RegionDiscriminators

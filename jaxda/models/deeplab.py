@@ -6,11 +6,13 @@ upsample them to the input size (§3.5).
 
 from collections.abc import Sequence
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxda.models import conv as conv_lib
 from jaxda.models import resnet
 
 
@@ -44,10 +46,14 @@ class ASPP(nn.Module):
       AdaptSegNet early-return bug (METHODS.md §3.2); the other branches stay
       in the parameter tree (for checkpoint compatibility) but do not touch
       the output, so they get zero gradients.
+    dtype: compute dtype (None: float32); parameters stay float32.
+    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   num_classes: int
   dilations: Sequence[int] = (6, 12, 18, 24)
   branches_used: int = 4
+  dtype: Any = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -69,11 +75,12 @@ class ASPP(nn.Module):
       # Every branch is created (and applied) so that the parameter tree is
       # independent of `branches_used`; unused outputs are dropped by XLA.
       outputs.append(
-          nn.Conv(self.num_classes, (3, 3), kernel_dilation=(d, d),
-                  padding=((d, d), (d, d)), use_bias=True,
-                  kernel_init=resnet.CONV_INIT,
-                  bias_init=torch_default_bias_init(fan_in),
-                  name=f'branch_{i}')(x))
+          conv_lib.Conv(self.num_classes, (3, 3), kernel_dilation=(d, d),
+                        padding=((d, d), (d, d)), use_bias=True,
+                        kernel_init=resnet.CONV_INIT,
+                        bias_init=torch_default_bias_init(fan_in),
+                        dtype=self.dtype, impl=self.conv_impl,
+                        name=f'branch_{i}')(x))
     return sum(outputs[1:self.branches_used], outputs[0])
 
 
@@ -90,6 +97,10 @@ class DeepLabV2(nn.Module):
     multi_level: whether to build the auxiliary head on layer3.
     aspp_branches_used: 4 (default, fixed) or 2 (AdaptSegNet quirk).
     aspp_dilations: dilations of the ASPP branches.
+    dtype: compute dtype (None: float32); parameters stay float32 and the
+      logits are returned in float32, so losses never see bfloat16.
+    remat: rematerialise every backbone bottleneck in the backward pass.
+    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
@@ -97,6 +108,9 @@ class DeepLabV2(nn.Module):
   multi_level: bool = True
   aspp_branches_used: int = 4
   aspp_dilations: Sequence[int] = (6, 12, 18, 24)
+  dtype: Any = None
+  remat: bool = False
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *,
@@ -115,10 +129,15 @@ class DeepLabV2(nn.Module):
       512 × 1024 input.
     """
     features = resnet.ResNet(self.stage_sizes, self.base_width,
+                             dtype=self.dtype, remat=self.remat,
+                             conv_impl=self.conv_impl,
                              name='backbone')(x, train_bn=train_bn)
     aspp = lambda name: ASPP(self.num_classes, self.aspp_dilations,
-                             self.aspp_branches_used, name=name)
-    out = {'main': aspp('aspp_main')(features['layer4'])}
+                             self.aspp_branches_used, dtype=self.dtype,
+                             conv_impl=self.conv_impl, name=name)
+    # Logits leave the model in float32: upsampling, softmax and the losses
+    # run in full precision whatever the compute dtype.
+    out = {'main': aspp('aspp_main')(features['layer4']).astype(jnp.float32)}
     if self.multi_level:
-      out['aux'] = aspp('aspp_aux')(features['layer3'])
+      out['aux'] = aspp('aspp_aux')(features['layer3']).astype(jnp.float32)
     return out

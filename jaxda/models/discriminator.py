@@ -5,9 +5,13 @@ ADVENT's `get_fc_discriminator`. No normalisation, no sigmoid: the output is
 logits, to be used with a sigmoid BCE on the small output map.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from jaxda.models import conv as conv_lib
 from jaxda.models import deeplab
 
 # PyTorch's default conv weight init, kaiming_uniform(a=sqrt(5)), is
@@ -22,9 +26,14 @@ class FCDiscriminator(nn.Module):
   Attributes:
     ndf: channels of the first conv.
     negative_slope: LeakyReLU slope after the first four convs.
+    dtype: compute dtype (None: float32); parameters stay float32 and the
+      logits are returned in float32 (for the losses).
+    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   ndf: int = 64
   negative_slope: float = 0.2
+  dtype: Any = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -45,10 +54,12 @@ class FCDiscriminator(nn.Module):
       fan_in = x.shape[-1] * 16
       # PyTorch padding=1 is explicit ((1, 1), (1, 1)); 'SAME' would pad
       # (1, 2) for stride 2 and shift the windows.
-      x = nn.Conv(features, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
-                  use_bias=True, kernel_init=TORCH_DEFAULT_KERNEL_INIT,
-                  bias_init=deeplab.torch_default_bias_init(fan_in),
-                  name=names[i])(x)
+      x = conv_lib.Conv(features, (4, 4), strides=(2, 2),
+                        padding=((1, 1), (1, 1)), use_bias=True,
+                        kernel_init=TORCH_DEFAULT_KERNEL_INIT,
+                        bias_init=deeplab.torch_default_bias_init(fan_in),
+                        dtype=self.dtype, impl=self.conv_impl,
+                        name=names[i])(x)
       if i < len(channels) - 1:
         x = nn.leaky_relu(x, negative_slope=self.negative_slope)
-    return x
+    return x.astype(jnp.float32)

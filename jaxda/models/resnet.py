@@ -20,8 +20,13 @@ map `layerX.Y.convZ` -> `layerX/Y/convZ` (and `downsample.0/1` ->
 from collections.abc import Sequence
 import math
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+from jaxda.models import conv as conv_lib
 
 # The originals initialise every conv weight from N(0, 0.01).
 CONV_INIT = nn.initializers.normal(stddev=0.01)
@@ -32,6 +37,8 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 EXPANSION = 4
+
+BN_DTYPE = {jnp.bfloat16: jnp.float32}
 
 
 def ceil_mode_pool_padding(size: int, window: int, stride: int,
@@ -80,11 +87,14 @@ def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2,
                      padding=pads)
 
 
-def _batch_norm(train_bn: bool, name: str) -> nn.BatchNorm:
+def _batch_norm(train_bn: bool, name: str,
+                dtype: Any = None) -> nn.BatchNorm:
   # train_bn=False normalises with the running statistics and never writes
-  # them, so `batch_stats` need not be mutable (bn_mode='frozen').
+  # them, so `batch_stats` need not be mutable (bn_mode='frozen'). Flax
+  # computes the batch statistics in float32 whatever `dtype` is.
   return nn.BatchNorm(use_running_average=not train_bn, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, name=name)
+                      epsilon=BN_EPSILON, dtype=BN_DTYPE.get(dtype, dtype),
+                      param_dtype=jnp.float32, name=name)
 
 
 class Bottleneck(nn.Module):
@@ -95,14 +105,18 @@ class Bottleneck(nn.Module):
     stride: stride of the first 1×1 conv (and of the downsample branch).
     dilation: dilation (= padding) of the 3×3 conv.
     downsample: whether the shortcut has a 1×1 conv + BN projection.
+    dtype: compute dtype (None: float32); parameters stay float32.
+    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   width: int
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
+  dtype: Any = None
+  conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train_bn: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train_bn: bool = False) -> jax.Array:
     """Applies the block.
 
     Args:
@@ -112,22 +126,24 @@ class Bottleneck(nn.Module):
     Returns:
       (B, H', W', 4 * width) features; H' = ceil(H / stride).
     """
-    conv = lambda features, kernel, **kw: nn.Conv(
-        features, kernel, use_bias=False, kernel_init=CONV_INIT, **kw)
+    conv = lambda features, kernel, **kw: conv_lib.Conv(
+        features, kernel, use_bias=False, kernel_init=CONV_INIT,
+        dtype=self.dtype, impl=self.conv_impl, **kw)
+    bn = lambda name: _batch_norm(train_bn, name, self.dtype)
     d = self.dilation
     s = self.stride
     y = conv(self.width, (1, 1), strides=(s, s), padding='VALID',
              name='conv1')(x)
-    y = nn.relu(_batch_norm(train_bn, 'bn1')(y))
+    y = nn.relu(bn('bn1')(y))
     y = conv(self.width, (3, 3), kernel_dilation=(d, d),
              padding=((d, d), (d, d)), name='conv2')(y)
-    y = nn.relu(_batch_norm(train_bn, 'bn2')(y))
+    y = nn.relu(bn('bn2')(y))
     y = conv(self.width * EXPANSION, (1, 1), padding='VALID', name='conv3')(y)
-    y = _batch_norm(train_bn, 'bn3')(y)
+    y = bn('bn3')(y)
     if self.downsample:
       x = conv(self.width * EXPANSION, (1, 1), strides=(s, s),
                padding='VALID', name='downsample_conv')(x)
-      x = _batch_norm(train_bn, 'downsample_bn')(x)
+      x = bn('downsample_bn')(x)
     return nn.relu(y + x)
 
 
@@ -139,11 +155,18 @@ class ResNetLayer(nn.Module):
     width: bottleneck width (output channels are 4 × width).
     stride: stride of the first block.
     dilation: dilation of every block's 3×3 conv.
+    dtype: compute dtype (None: float32); parameters stay float32.
+    remat: recompute each block's activations in the backward pass
+      (`nn.remat`) instead of keeping them: only block inputs stay alive.
+    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   num_blocks: int
   width: int
   stride: int = 1
   dilation: int = 1
+  dtype: Any = None
+  remat: bool = False
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train_bn: bool = False) -> jax.Array:
@@ -156,12 +179,16 @@ class ResNetLayer(nn.Module):
     Returns:
       (B, H', W', 4 * width) features; H' = ceil(H / stride).
     """
+    # `train_bn` is a Python bool deciding the graph: static under remat
+    # (argument 2, counting the module itself as 0).
+    block = (nn.remat(Bottleneck, static_argnums=(2,)) if self.remat
+             else Bottleneck)
     for i in range(self.num_blocks):
       # AdaptSegNet's `_make_layer` gives every first block a projection,
       # also when only the dilation changes (layer3, layer4).
-      x = Bottleneck(self.width, stride=self.stride if i == 0 else 1,
-                     dilation=self.dilation, downsample=i == 0,
-                     name=str(i))(x, train_bn=train_bn)
+      x = block(self.width, stride=self.stride if i == 0 else 1,
+                dilation=self.dilation, downsample=i == 0, dtype=self.dtype,
+                conv_impl=self.conv_impl, name=str(i))(x, train_bn)
     return x
 
 
@@ -174,10 +201,16 @@ class ResNet(nn.Module):
     base_width: stem channels and layer1 bottleneck width (64 in the
       originals); layer k has width base_width * 2**(k-1).
     dilations: dilation of layer3 and layer4.
+    dtype: compute dtype (None: float32); parameters stay float32.
+    remat: rematerialise every bottleneck block in the backward pass.
+    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   base_width: int = 64
   dilations: tuple[int, int] = (2, 4)
+  dtype: Any = None
+  remat: bool = False
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *,
@@ -197,9 +230,10 @@ class ResNet(nn.Module):
     if len(self.stage_sizes) != 4:
       raise ValueError(f'stage_sizes must have 4 entries: {self.stage_sizes}')
     w = self.base_width
-    x = nn.Conv(w, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                use_bias=False, kernel_init=CONV_INIT, name='conv1')(x)
-    x = nn.relu(_batch_norm(train_bn, 'bn1')(x))
+    x = conv_lib.Conv(w, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                      use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
+                      impl=self.conv_impl, name='conv1')(x)
+    x = nn.relu(_batch_norm(train_bn, 'bn1', self.dtype)(x))
     x = max_pool_ceil(x, window=3, stride=2, padding=1)
     strides = (1, 2, 1, 1)
     dilations = (1, 1) + tuple(self.dilations)
@@ -207,6 +241,8 @@ class ResNet(nn.Module):
     for k, num_blocks in enumerate(self.stage_sizes):
       name = f'layer{k + 1}'
       x = ResNetLayer(num_blocks, w * 2**k, stride=strides[k],
-                      dilation=dilations[k], name=name)(x, train_bn=train_bn)
+                      dilation=dilations[k], dtype=self.dtype,
+                      remat=self.remat, conv_impl=self.conv_impl,
+                      name=name)(x, train_bn=train_bn)
       features[name] = x
     return features

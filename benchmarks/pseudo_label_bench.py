@@ -1,0 +1,142 @@
+"""Pseudo-label pass: forward-only inference vs the full TPLD/CBST pass.
+
+Run:
+
+  python -m benchmarks.pseudo_label_bench --out DIR
+  python -m benchmarks.pseudo_label_bench --out DIR --num-images 400
+
+On the TPLD CPU config (`experiments/configs/tpld.py`, the embedded
+synthetic target set), over the same target training images:
+
+* ``forward``: the labelling pass's own inference, i.e. every batch of
+  target images through `train_loop.make_predict_jit` (network, bilinear
+  upsampling, softmax), blocked on at the end;
+* ``full_phase1`` / ``full_phase2``: `self_training.make_pseudo_labels` as a
+  round runs it: streaming class thresholds (pass A), then selection,
+  voting densification (phase 1) or the easy/hard split (phase 2), and the
+  host-side gathering (pass B).
+
+One warm-up of each, then ``--repeats`` rounds timing each variant once in
+a rotated order; medians. Parameters are random (timing does not depend on
+them).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+from benchmarks import paper_step
+from experiments.configs import tpld as tpld_config
+from jaxda import self_training
+from jaxda import train_loop
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def build_run(num_images: int, data_dir: str, workdir: str):
+  config = tpld_config.get_config("")
+  config.data.num_train_images = num_images
+  config.data.num_val_images = 8
+  config.num_devices = 1
+  config.source.data_dir = data_dir
+  config.target.data_dir = data_dir
+  run = train_loop.setup(config, workdir)
+  return run, train_loop.create_state(run)
+
+
+def forward_only(run, state) -> None:
+  predict_jit = train_loop.make_predict_jit(run)
+  out = None
+  for probs, _, _ in self_training._probs_batches(  # pylint: disable=protected-access
+      run, state, run.data["target_train"].images, predict_jit):
+    out = probs
+  jax.block_until_ready(out)
+
+
+def bench(num_images: int, repeats: int, data_dir: str) -> dict:
+  with tempfile.TemporaryDirectory() as workdir:
+    run, state = build_run(num_images, data_dir, workdir)
+    variants = {
+        "forward": lambda: forward_only(run, state),
+        "full_phase1": lambda: self_training.make_pseudo_labels(
+            run, state, 0, 1, None),
+        "full_phase2": lambda: self_training.make_pseudo_labels(
+            run, state, 0, 2, None),
+    }
+    names = list(variants)
+    for name in names:  # warm-up (compiles)
+      variants[name]()
+    times = {n: [] for n in names}
+    for r in range(repeats):
+      order = names[r % len(names):] + names[:r % len(names)]
+      for name in order:
+        t0 = time.perf_counter()
+        variants[name]()
+        times[name].append(time.perf_counter() - t0)
+      _log(f"round {r + 1}/{repeats}: " + ", ".join(
+          f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
+    config = run.config
+    train_loop.close(run)
+  med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+  return {
+      "num_images": num_images,
+      "image_size": [config.data.height, config.data.width],
+      "model": config.model.name,
+      "eval_batch_size": config.eval.batch_size,
+      "times_s": times,
+      "forward_ms": med["forward"],
+      "full_pass_ms": med["full_phase1"],
+      "full_phase2_ms": med["full_phase2"],
+      "ratio_phase1": med["full_phase1"] / med["forward"],
+      "ratio_phase2": med["full_phase2"] / med["forward"],
+  }
+
+
+def print_table(report: dict) -> None:
+  print(f"pseudo-label pass over {report['num_images']} target images"
+        f" {report['image_size'][0]}x{report['image_size'][1]}"
+        f" ({report['model']}):")
+  print(f"  forward only        {report['forward_ms']:9.1f} ms")
+  print(f"  full pass, phase 1  {report['full_pass_ms']:9.1f} ms"
+        f"  ({report['ratio_phase1']:.2f}x forward)")
+  print(f"  full pass, phase 2  {report['full_phase2_ms']:9.1f} ms"
+        f"  ({report['ratio_phase2']:.2f}x forward)")
+
+
+def run(num_images: int = 200, repeats: int = 5, data_dir: str = "") -> dict:
+  if not data_dir:
+    data_dir = os.path.join(tempfile.gettempdir(), "jaxda_bench_cache")
+  report = bench(num_images, repeats, data_dir)
+  report["machine"] = paper_step.machine_info()
+  return report
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--num-images", type=int, default=200)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--data-dir", default="",
+                      help="synthetic data cache (default: a temp folder)")
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  report = run(args.num_images, args.repeats, args.data_dir)
+  report["args"] = vars(args)
+  path = os.path.join(args.out, "pseudo_label_pass.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, default=str)
+  print_table(report)
+  print(f"wrote {path}")
+  return report
+
+
+if __name__ == "__main__":
+  main()

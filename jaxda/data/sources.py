@@ -1,0 +1,511 @@
+"""Random-access sources over real benchmark files, and lazy array views.
+
+A *source* is the `grain` / `tfds.data_source` contract: `len(source)` and
+`source[i]` -> dict(image uint8 (H, W, 3), label uint8 (H, W) or int, id
+str), reading one example from disk per call, so nothing holds the whole data
+set in memory. The readers (`cityscapes`, `gta5`, `synthia`, `office`,
+`digit_files`) list and pair the files when they are opened (a missing
+folder fails there, naming the path and the expected layout) and validate
+each example when it is read (undecodable image, label size or label values
+outside the id table -> `DataError` naming the file).
+
+`open_source(name, data_dir, split)` picks a reader by config name:
+
+  gta5, cityscapes, cityscapes16 (Cityscapes in the 16 SYNTHIA classes),
+  synthia, office31:<domain>, officehome:<domain>, mnist_files, usps,
+  svhn
+
+('mnist' is the embedded digits domain; the MNIST idx files are
+'mnist_files'). `load_domain` wraps a source as a `pipeline.Domain` whose
+`images` / `labels` are `LazyArray` views: they have `shape`, `len`, slicing
+(lazy) and integer-array indexing (decodes those rows, resized to the
+training size, on a thread pool), so `pipeline.train_batches` / `eval_batches`
+iterate them without loading the data set. Digit files are small and are
+returned as in-memory arrays, like the embedded benchmarks.
+
+`labels.native` is the same rows at the label files' own resolution: the
+full-resolution evaluation (`jaxda.full_resolution`) batches those.
+"""
+
+import concurrent.futures
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+from jaxda.data import errors
+from jaxda.data import tables
+
+IGNORE_LABEL = tables.IGNORE_LABEL
+# Config names of the readers (office domains: 'office31:amazon', ...).
+SEGMENTATION_NAMES = ('gta5', 'cityscapes', 'cityscapes16', 'synthia')
+CLASSIFICATION_NAMES = ('office31', 'officehome', 'mnist_files', 'usps',
+                        'svhn')
+_DECODE_THREADS = min(8, os.cpu_count() or 1)
+_POOL = None
+
+
+def is_source_name(name):
+  """True for the config names `open_source` understands."""
+  return (name in SEGMENTATION_NAMES or name in CLASSIFICATION_NAMES[2:]
+          or name.split(':', 1)[0] in ('office31', 'officehome'))
+
+
+def open_source(name, data_dir, split='train', **options):
+  """Opens the reader named by a config string on a local directory.
+
+  Args:
+    name: see the module docstring.
+    data_dir: the data set root in its distributed layout.
+    split: 'train' or 'val' (what each reader does with it is in its
+      docstring; GTA5, SYNTHIA and the Office domains have no official split
+      and return every image for both).
+    **options: reader keyword arguments (e.g. `resize_mismatched_labels`).
+
+  Returns:
+    A random-access source (`__len__`, `__getitem__`, `class_names`, `task`).
+
+  Raises:
+    DataError: unknown name, missing directory or layout.
+  """
+  # Imported here: the readers import this module for the shared helpers.
+  # pylint: disable=g-import-not-at-top
+  from jaxda.data import cityscapes
+  from jaxda.data import digit_files
+  from jaxda.data import gta5
+  from jaxda.data import office
+  from jaxda.data import synthia
+  # pylint: enable=g-import-not-at-top
+  if not data_dir:
+    raise errors.DataError(
+        f'data set {name!r} needs its local directory: set '
+        'config.source.data_dir / config.target.data_dir (nothing is '
+        'downloaded)')
+  kind, _, arg = name.partition(':')
+  if kind == 'gta5':
+    return gta5.GTA5(data_dir, split, **options)
+  if kind in ('cityscapes', 'cityscapes16'):
+    return cityscapes.Cityscapes(
+        data_dir, split, num_classes=16 if kind == 'cityscapes16' else 19,
+        **options)
+  if kind == 'synthia':
+    return synthia.Synthia(data_dir, split, **options)
+  if kind in ('office31', 'officehome'):
+    return office.Office(data_dir, kind, arg, split)
+  if kind == 'mnist_files':
+    return digit_files.MNIST(data_dir, split)
+  if kind == 'usps':
+    return digit_files.USPS(data_dir, split)
+  if kind == 'svhn':
+    return digit_files.SVHN(data_dir, split)
+  raise errors.DataError(
+      f'unknown data set {name!r}: use one of {SEGMENTATION_NAMES}, '
+      "'office31:<domain>', 'officehome:<domain>', 'mnist_files', 'usps', "
+      "'svhn'")
+
+
+# --------------------------------------------------------------------------
+# Shared reading and validation helpers
+# --------------------------------------------------------------------------
+
+
+def require_dir(path, dataset, layout):
+  """Raises DataError naming `path` and the expected layout if it is absent.
+
+  Args:
+    path: directory that must exist.
+    dataset: data set name for the message.
+    layout: one-line description of the expected layout.
+  """
+  if not os.path.isdir(path):
+    raise errors.DataError(
+        f'{dataset}: directory {path} does not exist; expected layout: '
+        f'{layout}')
+
+
+def list_files(directory, suffix, dataset, layout):
+  """Sorted file names in `directory` ending in `suffix` (non-empty)."""
+  names = sorted(n for n in os.listdir(directory)
+                 if n.endswith(suffix)
+                 and os.path.isfile(os.path.join(directory, n)))
+  if not names:
+    raise errors.DataError(
+        f'{dataset}: no *{suffix} files in {directory}; expected layout: '
+        f'{layout}')
+  return names
+
+
+def _open(path, what):
+  try:
+    img = Image.open(path)
+    img.load()  # Decode now so truncated files fail here.
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise errors.DataError(
+        f'cannot decode {what} {path} ({type(e).__name__}: {e}): the file is '
+        'corrupt or truncated; re-extract it from the archive') from None
+  return img
+
+
+def read_rgb(path):
+  """Decodes an image file as uint8 (H, W, 3) RGB (grey/RGBA/P converted)."""
+  img = _open(path, 'image')
+  if img.mode != 'RGB':
+    img = img.convert('RGB')
+  return np.asarray(img, dtype=np.uint8)
+
+
+def read_id_map(path):
+  """Decodes the first channel of a label PNG as integer ids (H, W).
+
+  8-bit PNGs (mode L / P / RGB / RGBA) give the first channel (palette
+  indices for P). 16-bit PNGs keep all 16 bits: Pillow decodes 16-bit RGB(A)
+  to 8-bit by keeping the *high* byte, which turns SYNTHIA's class ids
+  (< 256) into 0. This function re-decodes such files with the tile's raw
+  mode switched to the little-endian unpacker (which then picks the low
+  byte) and combines both bytes; a workaround written by hand, as no
+  installed library reads 16-bit colour PNGs (imageio's FreeImage plugin
+  needs a download).
+
+  Args:
+    path: PNG file.
+
+  Returns:
+    int32 (H, W).
+  """
+  try:  # The raw mode is only known before decoding (load clears tile).
+    raw = Image.open(path).tile[0].args
+  except (OSError, SyntaxError, ValueError, IndexError):
+    raw = None  # _open below reports the problem.
+  raw = raw[0] if isinstance(raw, tuple) else raw
+  img = _open(path, 'label')
+  if img.mode.startswith('I'):
+    arr = np.asarray(img)
+    return (arr if arr.ndim == 2 else arr[..., 0]).astype(np.int32)
+  if raw in ('RGB;16B', 'RGBA;16B'):
+    high = np.asarray(img)[..., 0].astype(np.int32)
+    low_img = Image.open(path)
+    low_img.tile = [t._replace(args=raw[:-1] + 'L') for t in low_img.tile]
+    low = np.asarray(_load(low_img, path))[..., 0].astype(np.int32)
+    return high * 256 + low
+  if raw == 'LA;16B':
+    # 4 bytes per pixel: read them as 8-bit RGBA (same filter stride);
+    # R, G = high, low byte of the first (grey) channel.
+    both = Image.open(path)
+    both.tile = [t._replace(args='RGBA') for t in both.tile]
+    arr = np.asarray(_load(both, path)).astype(np.int32)
+    return arr[..., 0] * 256 + arr[..., 1]
+  arr = np.asarray(img)
+  return (arr if arr.ndim == 2 else arr[..., 0]).astype(np.int32)
+
+
+def _load(img, path):
+  try:
+    img.load()
+  except (OSError, ValueError) as e:
+    raise errors.DataError(
+        f'cannot decode label {path} ({type(e).__name__}: {e}): the file is '
+        'corrupt or truncated; re-extract it from the archive') from None
+  return img
+
+
+def map_label(ids, table, num_ids, path, dataset):
+  """Checks raw ids against a table and maps them to train ids.
+
+  Args:
+    ids: int (H, W) raw label ids.
+    table: uint8 (256,) id -> train id lookup.
+    num_ids: valid raw ids are [0, num_ids).
+    path: label file, for the message.
+    dataset: data set name, for the message.
+
+  Returns:
+    uint8 (H, W) train ids, 255 = ignore.
+  """
+  values = np.unique(ids)
+  bad = values[(values < 0) | (values >= num_ids)]
+  if bad.size:
+    raise errors.DataError(
+        f'{dataset}: label {path} holds ids {bad[:10].tolist()} outside the '
+        f'{dataset} id table [0, {num_ids}): is this a {dataset} label file '
+        '(colour-coded or train-id labels are not)?')
+  return np.asarray(table, np.uint8)[ids]
+
+
+def check_same_size(image, label, image_path, label_path, resize):
+  """Label of an image's size, or DataError naming both files.
+
+  Args:
+    image: (H, W, 3).
+    label: (h, w).
+    image_path: for the message.
+    label_path: for the message.
+    resize: if True, a label of another size is resized (nearest) instead.
+
+  Returns:
+    label with shape (H, W).
+  """
+  if label.shape == image.shape[:2]:
+    return label
+  if resize:
+    return resize_label(label, image.shape[:2])
+  raise errors.DataError(
+      f'label {label_path} is {label.shape[1]}x{label.shape[0]} (WxH) but '
+      f'image {image_path} is {image.shape[1]}x{image.shape[0]}: labels must '
+      'match their image pixel for pixel (or set '
+      'config.data.resize_mismatched_labels=True)')
+
+
+def resize_image(image, size):
+  """uint8 (H, W, 3) -> (h, w, 3), bicubic (the originals' resize)."""
+  if size is None or image.shape[:2] == tuple(size):
+    return image
+  return np.asarray(Image.fromarray(image).resize(
+      (size[1], size[0]), Image.Resampling.BICUBIC))
+
+
+def resize_label(label, size):
+  """uint8 (H, W) -> (h, w), nearest neighbour."""
+  if size is None or label.shape == tuple(size):
+    return label
+  return np.asarray(Image.fromarray(label).resize(
+      (size[1], size[0]), Image.Resampling.NEAREST))
+
+
+def report(dataset, root, split, count, what='images'):
+  """Logs (and returns) how many examples a reader found."""
+  message = f'{dataset} {split}: {count} {what} found in {root}'
+  logging.info(message)
+  return message
+
+
+# --------------------------------------------------------------------------
+# Lazy array views of a source
+# --------------------------------------------------------------------------
+
+
+def _pool():
+  global _POOL
+  if _POOL is None:
+    _POOL = concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS)
+  return _POOL
+
+
+class LazyArray:
+  """A read-only uint8 array view of one field of a source.
+
+  Behaves like the (N, H, W, 3) image or (N, H, W) label array the in-memory
+  pipeline expects, but decodes rows only when indexed: `view[i]` and
+  `view[index_array]` return NumPy arrays, `view[a:b]` another view (no
+  decoding), `np.asarray(view)` everything. Rows are resized to `size`
+  (bicubic images, nearest labels); `size=None` keeps the native size, which
+  must then be the same for every row.
+
+  Attributes:
+    is_lazy_source: marker `jaxda.data.pipeline` checks to skip
+      `np.asarray`.
+  """
+
+  is_lazy_source = True
+
+  def __init__(self, source, field, size, rows=None):
+    self.source = source
+    self.field = field
+    self.size = None if size is None else (int(size[0]), int(size[1]))
+    self.rows = (np.arange(len(source)) if rows is None
+                 else np.asarray(rows, np.int64))
+    self._row_shape = None
+
+  def _read(self, row):
+    value = self.source[int(row)][self.field]
+    if self.field == 'image':
+      value = resize_image(value, self.size)
+    else:
+      value = resize_label(value, self.size)
+    if self._row_shape is None:
+      self._row_shape = value.shape
+    elif value.shape != self._row_shape:
+      raise errors.DataError(
+          f'{self.source.name}: example {self.source.example_id(int(row))} '
+          f'has {self.field} size {value.shape[:2]} but earlier ones have '
+          f'{self._row_shape[:2]}: batches need one size (set '
+          'config.data.height/width; full-resolution evaluation needs '
+          'labels of one size)')
+    return value
+
+  @property
+  def native(self):
+    """The same rows at the files' own resolution (labels: full-res eval)."""
+    return LazyArray(self.source, self.field, None, self.rows)
+
+  @property
+  def shape(self):
+    if self._row_shape is None:
+      if self.size is not None:
+        self._row_shape = self.size + ((3,) if self.field == 'image' else ())
+      elif len(self.rows):
+        self._read(self.rows[0])
+      else:
+        self._row_shape = (0, 0, 3) if self.field == 'image' else (0, 0)
+    return (len(self.rows),) + tuple(self._row_shape)
+
+  ndim = property(lambda self: len(self.shape))
+  dtype = np.dtype(np.uint8)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def _stack(self, rows):
+    rows = list(rows)
+    if len(rows) > 1 and _DECODE_THREADS > 1:
+      values = list(_pool().map(self._read, rows))
+    else:
+      values = [self._read(r) for r in rows]
+    if not values:
+      return np.zeros((0,) + self.shape[1:], np.uint8)
+    return np.stack(values)
+
+  def __getitem__(self, key):
+    rest = ()
+    if isinstance(key, tuple):
+      key, rest = key[0], key[1:]
+    if isinstance(key, slice):
+      if rest:
+        return self._stack(self.rows[key])[(slice(None),) + rest]
+      return LazyArray(self.source, self.field, self.size, self.rows[key])
+    if isinstance(key, (int, np.integer)):
+      value = self._read(self.rows[key])
+      return value[rest] if rest else value
+    key = np.asarray(key)
+    if key.dtype == bool:
+      key = np.flatnonzero(key)
+    out = self._stack(self.rows[key.astype(np.int64)])
+    return out[(slice(None),) + rest] if rest else out
+
+  def __array__(self, dtype=None, copy=None):
+    del copy  # A new array is always made.
+    out = self._stack(self.rows)
+    return out if dtype is None else out.astype(dtype)
+
+  def astype(self, dtype):
+    return np.asarray(self).astype(dtype)
+
+  def __repr__(self):
+    return (f'LazyArray({self.source.name}, {self.field}, rows={len(self)}, '
+            f'size={self.size})')
+
+
+def load_domain(name, *, data_dir, split, height=None, width=None,
+                require_labels=True, resize_mismatched_labels=False):
+  """A real data set split as a `pipeline.Domain` (lazy where large).
+
+  Args:
+    name: reader name (`open_source`).
+    data_dir: data set root.
+    split: 'train' or 'val'.
+    height: training / evaluation input height (None: native size).
+    width: input width (None: native size).
+    require_labels: segmentation: fail if the split has no labels.
+    resize_mismatched_labels: resize labels whose size differs from their
+      image (nearest) instead of failing.
+
+  Returns:
+    `pipeline.Domain`: segmentation images / labels are `LazyArray` views
+    (labels None if the split has none and `require_labels` is False);
+    classification labels are uint8 (N,) arrays; digit files are in memory.
+  """
+  from jaxda.data import pipeline  # pylint: disable=g-import-not-at-top
+  options = {}
+  if name in ('gta5', 'cityscapes', 'cityscapes16', 'synthia'):
+    options['resize_mismatched_labels'] = resize_mismatched_labels
+  source = open_source(name, data_dir, split, **options)
+  logging.info('%s', source.summary)
+  size = None if height is None else (height, width)
+  if source.task == 'classification':
+    labels = np.asarray(source.class_labels, np.uint8)
+    if getattr(source, 'in_memory', False):
+      images = np.stack([resize_image(source[i]['image'], size)
+                         for i in range(len(source))])
+    else:
+      images = LazyArray(source, 'image', size)
+    return pipeline.Domain(images, labels, source.class_names)
+  if not source.has_labels and require_labels:
+    raise errors.DataError(
+        f'{source.name} {split}: labels are required but none were found '
+        f'under {data_dir}; expected layout: {source.layout}')
+  labels = LazyArray(source, 'label', size) if source.has_labels else None
+  return pipeline.Domain(LazyArray(source, 'image', size), labels,
+                         source.class_names)
+
+
+class PairedFiles:
+  """Base of the segmentation readers: (image file, label file) pairs.
+
+  Subclasses set `name`, `layout`, `class_names`, `palette`, `table` (raw id
+  -> train id), `num_ids` and fill `self.pairs` (image path, label path or
+  None) and `self.ids` in `__init__`.
+  """
+
+  task = 'segmentation'
+  name = ''
+  layout = ''
+  table = None
+  num_ids = 256
+
+  def __init__(self, root, split, resize_mismatched_labels=False):
+    self.root = root
+    self.split = split
+    self.resize_mismatched_labels = resize_mismatched_labels
+    self.pairs = []
+    self.ids = []
+
+  def _finish(self):
+    self.summary = report(self.name, self.root, self.split, len(self.pairs))
+
+  @property
+  def has_labels(self):
+    return bool(self.pairs) and self.pairs[0][1] is not None
+
+  def example_id(self, i):
+    return self.ids[i]
+
+  def __len__(self):
+    return len(self.pairs)
+
+  def read_ids(self, path):
+    """Raw label ids (H, W) of one label file."""
+    return read_id_map(path)
+
+  def __getitem__(self, i):
+    if not -len(self.pairs) <= i < len(self.pairs):
+      raise IndexError(f'{self.name}: index {i} out of range '
+                       f'[0, {len(self.pairs)})')
+    image_path, label_path = self.pairs[i]
+    image = read_rgb(image_path)
+    out = {'image': image, 'id': self.ids[i]}
+    if label_path is not None:
+      label = map_label(self.read_ids(label_path), self.table, self.num_ids,
+                        label_path, self.name)
+      out['label'] = check_same_size(image, label, image_path, label_path,
+                                     self.resize_mismatched_labels)
+    return out
+
+
+def describe(split_name, domain):
+  """One line on where a real-data split came from, or None.
+
+  Args:
+    split_name: e.g. 'source_train'.
+    domain: a `pipeline.Domain`.
+
+  Returns:
+    e.g. 'source_train: GTA5 train: 24966 images found in /data/GTA5' (plus
+    the rows this process reads if fewer), or None for embedded data.
+  """
+  source = getattr(domain.images, 'source', None)
+  if source is None:
+    return None
+  line = f'{split_name}: {source.summary}'
+  if len(domain.images) != len(source):
+    line += f' ({len(domain.images)} read by this process)'
+  return line

@@ -1,0 +1,1 @@
+"""Pretrained weights from other frameworks (PyTorch state dicts)."""
