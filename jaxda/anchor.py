@@ -139,6 +139,10 @@ def validate_config(config) -> None:
         f" {config.anchor.adv_input!r}")
   if config.anchor.lambda_adv < 0:
     raise train_loop.ConfigError("anchor.lambda_adv must be >= 0")
+  if config.get("grad_accum_steps", 1) != 1:
+    raise train_loop.ConfigError(
+        "anchor does not support grad_accum_steps; set it to 1 and raise"
+        " batch_size instead")
   if not config.anchor.late_regexes:
     raise train_loop.ConfigError("anchor.late_regexes must not be empty")
   phase1_steps(config)
@@ -194,6 +198,15 @@ def make_tx(config, frozen: list[str], *, offset: int = 0,
 def setup(config: ml_collections.ConfigDict, workdir: str) -> AnchorRun:
   """Validates, loads data, builds the model and both optimisers."""
   validate_config(config)
+  try:  # A no-op unless config.distributed / JAX_* ask for several processes.
+    parallel.initialize_distributed(config)
+  except ValueError as e:
+    raise train_loop.ConfigError(str(e)) from None
+  if jax.process_count() > 1:
+    # Its loader and evaluation read whole splits on every process.
+    raise train_loop.ConfigError(
+        "anchor runs in one process; multi-process runs support the"
+        " segmentation loop and self-training")
   n1 = phase1_steps(config)
   two_phase = n1 < config.num_steps
   method = get_method(config.method)
