@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from jaxda.data import errors
+from jaxda.data import sources
 
 IGNORE_LABEL = 255
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -95,15 +96,7 @@ def _list_stems(directory, extensions):
 
 
 def _open(path, what):
-  """Opens and fully decodes an image file, mapping failures to DataError."""
-  try:
-    img = Image.open(path)
-    img.load()  # Decode now so truncated files fail here.
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise errors.DataError(
-        f'cannot decode {what} {path} ({type(e).__name__}: {e}): the file is '
-        'corrupt or truncated; re-export or remove it') from None
-  return img
+  return sources.open_image(path, what, fix='re-export or remove it')
 
 
 def _read_image(path):

@@ -14,7 +14,6 @@ all 24,966; CRST's 19,984-image list is a subset, METHODS.md §3.8).
 
 import os
 
-from jaxda.data import errors
 from jaxda.data import sources
 from jaxda.data import tables
 
@@ -41,20 +40,5 @@ class GTA5(sources.PairedFiles):
 
   def __init__(self, root, split='train', resize_mismatched_labels=False):
     super().__init__(root, split, resize_mismatched_labels)
-    sources.require_dir(root, self.name, LAYOUT)
-    image_dir = os.path.join(root, 'images')
-    label_dir = os.path.join(root, 'labels')
-    sources.require_dir(image_dir, self.name, LAYOUT)
-    sources.require_dir(label_dir, self.name, LAYOUT)
-    names = sources.list_files(image_dir, '.png', self.name, LAYOUT)
-    labels = set(os.listdir(label_dir))
-    missing = [n for n in names if n not in labels]
-    if missing:
-      raise errors.DataError(
-          f'GTA5: image {os.path.join(image_dir, missing[0])} has no label '
-          f'{os.path.join(label_dir, missing[0])} ({len(missing)} images '
-          f'lack labels); expected layout: {LAYOUT}')
-    self.pairs = [(os.path.join(image_dir, n), os.path.join(label_dir, n))
-                  for n in names]
-    self.ids = [os.path.splitext(n)[0] for n in names]
-    self._finish()
+    self._pair_same_names(os.path.join(root, 'images'),
+                          os.path.join(root, 'labels'))

@@ -136,20 +136,27 @@ def list_files(directory, suffix, dataset, layout):
   return names
 
 
-def _open(path, what):
+def open_image(path, what, fix='re-extract it from the archive'):
+  """Opens and fully decodes an image file, mapping failures to DataError.
+
+  Args:
+    path: the file.
+    what: 'image' or 'label', for the message.
+    fix: what the user should do, for the message.
+  """
   try:
     img = Image.open(path)
     img.load()  # Decode now so truncated files fail here.
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise errors.DataError(
         f'cannot decode {what} {path} ({type(e).__name__}: {e}): the file is '
-        'corrupt or truncated; re-extract it from the archive') from None
+        f'corrupt or truncated; {fix}') from None
   return img
 
 
 def read_rgb(path):
   """Decodes an image file as uint8 (H, W, 3) RGB (grey/RGBA/P converted)."""
-  img = _open(path, 'image')
+  img = open_image(path, 'image')
   if img.mode != 'RGB':
     img = img.convert('RGB')
   return np.asarray(img, dtype=np.uint8)
@@ -176,9 +183,9 @@ def read_id_map(path):
   try:  # The raw mode is only known before decoding (load clears tile).
     raw = Image.open(path).tile[0].args
   except (OSError, SyntaxError, ValueError, IndexError):
-    raw = None  # _open below reports the problem.
+    raw = None  # open_image below reports the problem.
   raw = raw[0] if isinstance(raw, tuple) else raw
-  img = _open(path, 'label')
+  img = open_image(path, 'label')
   if img.mode.startswith('I'):
     arr = np.asarray(img)
     return (arr if arr.ndim == 2 else arr[..., 0]).astype(np.int32)
@@ -461,6 +468,28 @@ class PairedFiles:
 
   def _finish(self):
     self.summary = report(self.name, self.root, self.split, len(self.pairs))
+
+  def _pair_same_names(self, image_dir, label_dir):
+    """Fills pairs/ids from two directories of same-named PNG files.
+
+    The GTA5 and SYNTHIA layouts: `image_dir/X.png` is labelled by
+    `label_dir/X.png`. Raises DataError naming the first unlabelled image.
+    """
+    require_dir(self.root, self.name, self.layout)
+    require_dir(image_dir, self.name, self.layout)
+    require_dir(label_dir, self.name, self.layout)
+    names = list_files(image_dir, '.png', self.name, self.layout)
+    labels = set(os.listdir(label_dir))
+    missing = [n for n in names if n not in labels]
+    if missing:
+      raise errors.DataError(
+          f'{self.name}: image {os.path.join(image_dir, missing[0])} has no '
+          f'label {os.path.join(label_dir, missing[0])} ({len(missing)} '
+          f'images lack labels); expected layout: {self.layout}')
+    self.pairs = [(os.path.join(image_dir, n), os.path.join(label_dir, n))
+                  for n in names]
+    self.ids = [os.path.splitext(n)[0] for n in names]
+    self._finish()
 
   @property
   def has_labels(self):
