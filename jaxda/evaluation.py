@@ -29,16 +29,38 @@ def make_predict_fn(models: base.Models, *, bn_mode: str,
   evaluation or pseudo-labelling pass must.
   """
 
+  logits_fn = make_logits_fn(models, bn_mode=bn_mode)
+
   def predict(state, images):
+    return probs_from_logits(logits_fn(state, images), images.shape[1:3],
+                             align_corners=align_corners)
+
+  return predict
+
+
+def make_logits_fn(models: base.Models, *, bn_mode: str) -> Callable:
+  """``logits(state, images) -> (B, h, w, C)`` main output at output stride.
+
+  The network part of ``make_predict_fn``: running BatchNorm statistics,
+  no upsampling (h, w are the network's output size, 1/8 of the input for
+  DeepLab-v2).
+  """
+
+  def logits(state, images):
     outputs, _ = base.forward(models, state.params, state.batch_stats, images,
                               bn_mode=bn_mode, labelled=False,
                               training=False)
-    logits = base.upsample_outputs({"main": outputs["main"]},
-                                   images.shape[1:3],
-                                   align_corners=align_corners)["main"]
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return outputs["main"]
 
-  return predict
+  return logits
+
+
+def probs_from_logits(logits: jax.Array, size: tuple[int, int], *,
+                      align_corners: bool) -> jax.Array:
+  """(B, h, w, C) logits -> (B, H, W, C) float32 softmax at ``size``."""
+  up = base.upsample_outputs({"main": logits}, tuple(size),
+                             align_corners=align_corners)["main"]
+  return jax.nn.softmax(up.astype(jnp.float32), axis=-1)
 
 
 def make_confusion_fn(predict_fn: Callable, num_classes: int) -> Callable:

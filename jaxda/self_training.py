@@ -26,6 +26,7 @@ source-only base model in ``workdir/base_source_only``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxda import evaluation
 from jaxda import parallel
 from jaxda import pseudo_labels as pl
 from jaxda import train_loop
@@ -117,16 +119,27 @@ def ensure_base_model(config, workdir: str, log, *,
 # --------------------------------------------------------------------------
 
 
-def _probs_batches(run, state, images, predict_jit):
-  """Yields global probs (B, H, W, C), global mask (B,) and this process's
-  host mask (B / P,) over this process's ``images`` (its share)."""
+def _logits_batches(run, state, images):
+  """Yields global low-resolution logits (B, h, w, C), global mask (B,),
+  this process's host mask (B / P,) and the input size (H, W), over this
+  process's ``images`` (its share)."""
+  logits_jit = parallel.jit_inference(
+      evaluation.make_logits_fn(run.models,
+                                bn_mode=run.config.model.bn_mode), run.mesh)
   for batch in parallel.process_eval_batches(
       images, None, global_batch_size=train_loop._eval_batch_size(run),  # pylint: disable=protected-access
       mode=run.config.data.normalization):
     keep = batch["mask"]
     sharded = parallel.shard_batch(
         {"image": batch["image"], "mask": keep}, run.mesh)
-    yield predict_jit(state, sharded["image"]), sharded["mask"], keep
+    yield (logits_jit(state, sharded["image"]), sharded["mask"], keep,
+           batch["image"].shape[1:3])
+
+
+def _probs_jit(run, size):
+  return jax.jit(functools.partial(
+      evaluation.probs_from_logits, size=tuple(size),
+      align_corners=run.config.model.upsample_align_corners))
 
 
 def make_pseudo_labels(run, state, round_index: int, phase: int,
@@ -152,17 +165,25 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   st = run.config.self_training
   images = run.data["target_train"].images  # this process's share
   c = run.num_classes
-  predict_jit = train_loop.make_predict_jit(run)
   portion = pl.target_portion(round_index, st.portion_init, st.portion_step,
                               st.portion_max)
 
-  # Pass A: streaming thresholds, O(C x bins) memory on device.
+  # Pass A: streaming thresholds, O(C x bins) memory on device. The network
+  # runs once: pass B needs every threshold before it can select a pixel, so
+  # pass A keeps the output-stride logits (1/64 of the probabilities' size
+  # for DeepLab-v2, on the devices that computed them) and pass B redoes only
+  # the upsampling and softmax, bit-identical to a second forward pass.
   hist = parallel.replicate(pl.init_threshold_histogram(c, st.num_bins),
                             run.mesh)
-  for probs, mask, _ in _probs_batches(run, state, images, predict_jit):
+  cached = []
+  probs_jit = None
+  for logits, mask, keep, size in _logits_batches(run, state, images):
+    probs_jit = probs_jit or _probs_jit(run, size)
+    probs = probs_jit(logits)
     valid = jnp.broadcast_to(mask[:, None, None], probs.shape[:3])
     hist = pl.update_threshold_histogram(hist, probs, subsample=st.subsample,
                                          valid=valid)
+    cached.append((logits, keep))
   thresholds = np.asarray(pl.thresholds_from_histogram(
       jax.device_get(hist), portion), np.float32)
 
@@ -170,7 +191,8 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   lam = jnp.asarray(thresholds)
   before, after, conf, full, full_w = [], [], [], [], []
   rows = lambda x: parallel.local_rows(x, run.mesh)
-  for probs, _, keep in _probs_batches(run, state, images, predict_jit):
+  for logits, keep in cached:
+    probs = probs_jit(logits)
     cbst = pl.select(probs, lam)
     dense = cbst
     if st.voting and (phase == 1 or st.phase2_hard_labels == "voted"):
