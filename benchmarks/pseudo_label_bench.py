@@ -55,8 +55,11 @@ def build_run(num_images: int, data_dir: str, workdir: str):
 def forward_only(run, state) -> None:
   predict_jit = train_loop.make_predict_jit(run)
   out = None
-  for probs, _, _ in self_training._probs_batches(  # pylint: disable=protected-access
-      run, state, run.data["target_train"].images, predict_jit):
+  images = run.data["target_train"].images
+  # The labelling pass's own batching and inference (a private helper).
+  batches = self_training._probs_batches(  # pylint: disable=protected-access
+      run, state, images, predict_jit)
+  for probs, _, _ in batches:
     out = probs
   jax.block_until_ready(out)
 

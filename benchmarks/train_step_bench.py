@@ -83,9 +83,12 @@ def make_config(size: dict, compute_dtype: str, conv_impl: str = "auto"):
 
 def torch_models(size: dict, seed: int, levels=("main", "aux")):
   """The reference segmenter and discriminators, seeded."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from benchmarks.torch_reference import deeplab_v2  # pylint: disable=g-import-not-at-top
-  from benchmarks.torch_reference import discriminator  # pylint: disable=g-import-not-at-top
+  # PyTorch is optional: imported only when the reference runs.
+  # pylint: disable=g-import-not-at-top
+  import torch
+  from benchmarks.torch_reference import deeplab_v2
+  from benchmarks.torch_reference import discriminator
+  # pylint: enable=g-import-not-at-top
   torch.manual_seed(seed)
   model = deeplab_v2.ResNetMulti(block_counts=size["blocks"],
                                  num_classes=NUM_CLASSES,
@@ -96,7 +99,8 @@ def torch_models(size: dict, seed: int, levels=("main", "aux")):
 
 
 def torch_step(model, discs, config):
-  from benchmarks.torch_reference import adaptsegnet_step  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from benchmarks.torch_reference import adaptsegnet_step
   return adaptsegnet_step.AdaptSegNetStep(
       model, discs, learning_rate=config.optim.learning_rate,
       momentum=config.optim.momentum,
@@ -316,6 +320,10 @@ def bench_size(size: dict, *, repeats: int, warmup: int, seed: int,
   for name in names:
     report[f"{name}_gflops_per_s"] = report["gflop"] / (
         report[f"{name}_ms"] / 1e3)
+    if with_torch and name != "torch":
+      # Per-round ratios: robust to load that changes between rounds.
+      report[f"{name}_paired_speedup_vs_torch"] = statistics.median(
+          t / j for t, j in zip(times["torch"], times[name]))
   return report
 
 
@@ -327,15 +335,17 @@ def print_table(results: dict) -> None:
         f" {peak:.0f} GFLOP/s (xla {results['peak']['xla_float32']:.0f},"
         f" torch {results['peak'].get('torch_float32', float('nan')):.0f})")
   print(f"{'size':<10} {'variant':<18} {'median ms':>10} {'vs torch':>9}"
-        f" {'GFLOP/s':>8} {'% peak':>7}")
+        f" {'paired':>8} {'GFLOP/s':>8} {'% peak':>7}")
   for r in results["sizes"]:
     torch_ms = r.get("torch_ms")
     for name in r["variants"] + (["torch"] if torch_ms else []):
       ms = r[f"{name}_ms"]
       speed = f"{torch_ms / ms:.2f}x" if torch_ms else "-"
       gfs = r[f"{name}_gflops_per_s"]
+      paired = r.get(f"{name}_paired_speedup_vs_torch")
+      paired = f"{paired:.2f}x" if paired else "-"
       print(f"{r['spec']['name']:<10} {name:<18} {ms:>10.1f} {speed:>9}"
-            f" {gfs:>8.1f} {100 * gfs / peak:>6.1f}%")
+            f" {paired:>8} {gfs:>8.1f} {100 * gfs / peak:>6.1f}%")
     if torch_ms:
       print(f"{'':<10} params jaxda {r['jaxda_params']:,} torch"
             f" {r['torch_params']:,}; loss diff {r['loss_diff']:.1e}; param"

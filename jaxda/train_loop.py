@@ -579,7 +579,7 @@ def run_steps(run: Run, state, step_jit: Callable, batches: Iterator[dict],
         if log_now or ckpt_now:
           # The loop's only device-to-host reads are here and in the
           # checkpoint below; every other step runs without a host sync
-          # (tested under a `transfer_guard` that disallows the rest).
+          # (tested; on accelerators a `transfer_guard` can enforce it).
           with jax.transfer_guard_device_to_host("allow"):
             host = jax.device_get(pending)
           stacked = {k: np.stack([m[k] for m in host]) for k in host[0]}

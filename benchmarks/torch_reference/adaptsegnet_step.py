@@ -1,4 +1,4 @@
-"""AdaptSegNet's multi-level train iteration in PyTorch, as the original does it.
+"""AdaptSegNet's multi-level train iteration in PyTorch, as the original runs.
 
 `wasidennis/AdaptSegNet:train_gta2cityscapes_multi.py` (METHODS.md §4.3),
 one iteration with `iter_size = 1`:

@@ -38,8 +38,6 @@ BN_EPSILON = 1e-5
 
 EXPANSION = 4
 
-BN_DTYPE = {jnp.bfloat16: jnp.float32}
-
 
 def ceil_mode_pool_padding(size: int, window: int, stride: int,
                            padding: int) -> tuple[int, int]:
@@ -93,7 +91,7 @@ def _batch_norm(train_bn: bool, name: str,
   # them, so `batch_stats` need not be mutable (bn_mode='frozen'). Flax
   # computes the batch statistics in float32 whatever `dtype` is.
   return nn.BatchNorm(use_running_average=not train_bn, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, dtype=BN_DTYPE.get(dtype, dtype),
+                      epsilon=BN_EPSILON, dtype=dtype,
                       param_dtype=jnp.float32, name=name)
 
 
