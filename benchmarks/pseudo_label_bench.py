@@ -33,6 +33,7 @@ import jax
 
 from benchmarks import paper_step
 from experiments.configs import tpld as tpld_config
+from jaxda import parallel
 from jaxda import self_training
 from jaxda import train_loop
 
@@ -41,8 +42,10 @@ def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def build_run(num_images: int, data_dir: str, workdir: str):
+def build_run(num_images: int, data_dir: str, workdir: str, model: str = ""):
   config = tpld_config.get_config("")
+  if model:  # e.g. deeplabv2_resnet101: the paper's network on CPU-size images
+    config.model.name = model
   config.data.num_train_images = num_images
   config.data.num_val_images = 8
   config.num_devices = 1
@@ -53,20 +56,20 @@ def build_run(num_images: int, data_dir: str, workdir: str):
 
 
 def forward_only(run, state) -> None:
+  """Inference alone: network + upsampling + softmax over every batch."""
   predict_jit = train_loop.make_predict_jit(run)
   out = None
-  images = run.data["target_train"].images
-  # The labelling pass's own batching and inference (a private helper).
-  batches = self_training._probs_batches(  # pylint: disable=protected-access
-      run, state, images, predict_jit)
-  for probs, _, _ in batches:
-    out = probs
+  # The labelling pass's batching (train_loop.eval_batches' contract).
+  for batch in train_loop.eval_batches(run, run.data["target_train"]):
+    image = parallel.shard_batch({"image": batch["image"]}, run.mesh)["image"]
+    out = predict_jit(state, image)
   jax.block_until_ready(out)
 
 
-def bench(num_images: int, repeats: int, data_dir: str) -> dict:
+def bench(num_images: int, repeats: int, data_dir: str,
+          model: str = "") -> dict:
   with tempfile.TemporaryDirectory() as workdir:
-    run, state = build_run(num_images, data_dir, workdir)
+    run, state = build_run(num_images, data_dir, workdir, model)
     variants = {
         "forward": lambda: forward_only(run, state),
         "full_phase1": lambda: self_training.make_pseudo_labels(
@@ -114,10 +117,11 @@ def print_table(report: dict) -> None:
         f"  ({report['ratio_phase2']:.2f}x forward)")
 
 
-def run(num_images: int = 200, repeats: int = 5, data_dir: str = "") -> dict:
+def run(num_images: int = 200, repeats: int = 5, data_dir: str = "",
+        model: str = "") -> dict:
   if not data_dir:
     data_dir = os.path.join(tempfile.gettempdir(), "jaxda_bench_cache")
-  report = bench(num_images, repeats, data_dir)
+  report = bench(num_images, repeats, data_dir, model)
   report["machine"] = paper_step.machine_info()
   return report
 
@@ -129,9 +133,11 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--data-dir", default="",
                       help="synthetic data cache (default: a temp folder)")
+  parser.add_argument("--model", default="",
+                      help="segmenter name (default: the TPLD CPU config's)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  report = run(args.num_images, args.repeats, args.data_dir)
+  report = run(args.num_images, args.repeats, args.data_dir, args.model)
   report["args"] = vars(args)
   path = os.path.join(args.out, "pseudo_label_pass.json")
   with open(path, "w", encoding="utf-8") as f:
