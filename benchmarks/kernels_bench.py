@@ -20,7 +20,6 @@ Each variant: one warm-up, ``--repeats`` timed calls, interleaved by round.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -170,11 +169,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   report = run(args.repeats, args.densify_repeats)
   report["args"] = vars(args)
-  path = os.path.join(args.out, "kernels.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, default=str)
-  print_table(report)
-  print(f"wrote {path}")
+  paper_step.write_report(args.out, "kernels.json", report, print_table)
   return report
 
 

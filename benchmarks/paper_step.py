@@ -265,6 +265,30 @@ def cost_stats(compiled) -> dict:
           ("flops", "transcendentals", "bytes accessed") if k in cost}
 
 
+def compile_timed(step_jit, state, batch, rng) -> tuple:
+  """AOT-compiles ``step_jit``; returns (compiled, {trace/lower/compile/total_s})."""
+  t0 = time.perf_counter()
+  traced = step_jit.trace(state, batch, rng)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  return compiled, {"trace_s": t1 - t0, "lower_s": t2 - t1,
+                    "compile_s": t3 - t2, "total_s": t3 - t0}
+
+
+def write_report(out_dir: str, filename: str, report: dict,
+                 print_table) -> str:
+  """Writes ``report`` as JSON under ``out_dir``, prints its table."""
+  path = os.path.join(out_dir, filename)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, default=str)
+  print_table(report)
+  print(f"wrote {path}")
+  return path
+
+
 def machine_info() -> dict:
   return {
       "platform": platform.platform(),
@@ -314,15 +338,7 @@ def bench(args, save=lambda report: None) -> dict:
                    args.num_classes, args.seed), mesh)
   rng = jax.random.key(args.seed)
 
-  t0 = time.perf_counter()
-  traced = step_jit.trace(state, batch, rng)
-  t1 = time.perf_counter()
-  lowered = traced.lower()
-  t2 = time.perf_counter()
-  compiled = lowered.compile()
-  t3 = time.perf_counter()
-  report["compile"] = {"trace_s": t1 - t0, "lower_s": t2 - t1,
-                       "compile_s": t3 - t2, "total_s": t3 - t0}
+  compiled, report["compile"] = compile_timed(step_jit, state, batch, rng)
   report["rss_peak_bytes"]["after_compile"] = _peak_rss_bytes()
   report["memory_analysis"] = memory_stats(compiled)
   if report["memory_analysis"]:
@@ -331,7 +347,8 @@ def bench(args, save=lambda report: None) -> dict:
   report["cost_analysis"] = cost_stats(compiled)
   report["step"] = {"warmup_s": None, "times_s": []}
   save(report)
-  _log(f"compiled in {t3 - t0:.1f} s; running 1 + {args.repeats} steps")
+  _log(f"compiled in {report['compile']['total_s']:.1f} s; running 1 +"
+       f" {args.repeats} steps")
 
   def run_once():
     nonlocal state

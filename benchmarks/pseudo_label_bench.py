@@ -22,7 +22,6 @@ them).
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -139,11 +138,8 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   report = run(args.num_images, args.repeats, args.data_dir, args.model)
   report["args"] = vars(args)
-  path = os.path.join(args.out, "pseudo_label_pass.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, default=str)
-  print_table(report)
-  print(f"wrote {path}")
+  paper_step.write_report(args.out, "pseudo_label_pass.json", report,
+                          print_table)
   return report
 
 

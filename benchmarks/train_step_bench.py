@@ -33,7 +33,6 @@ preset) in both frameworks.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -191,18 +190,6 @@ def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _compile(step_jit, state, batch, rng) -> tuple:
-  t0 = time.perf_counter()
-  traced = step_jit.trace(state, batch, rng)
-  t1 = time.perf_counter()
-  lowered = traced.lower()
-  t2 = time.perf_counter()
-  compiled = lowered.compile()
-  t3 = time.perf_counter()
-  return compiled, {"trace_s": t1 - t0, "lower_s": t2 - t1,
-                    "compile_s": t3 - t2, "total_s": t3 - t0}
-
-
 def bench_size(size: dict, *, repeats: int, warmup: int, seed: int,
                variants: tuple, with_torch: bool) -> dict:
   """Equal-loss check, compile times and interleaved step timings."""
@@ -234,7 +221,7 @@ def bench_size(size: dict, *, repeats: int, warmup: int, seed: int,
                                            NUM_CLASSES, seed)
       batch = parallel.shard_batch(host_batch, mesh)
     rng = jax.random.key(seed)
-    compiled[name], report[f"{name}_compile"] = _compile(
+    compiled[name], report[f"{name}_compile"] = paper_step.compile_timed(
         step_jit, state, batch, rng)
     cost = paper_step.cost_stats(compiled[name])
     report[f"{name}_gflop"] = cost.get("flops", float("nan")) / 1e9
@@ -399,11 +386,7 @@ def main(argv=None):
                 variants=args.variants.split(","),
                 with_torch=not args.no_torch)
   results["args"] = vars(args)
-  path = os.path.join(args.out, "train_step.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2, default=str)
-  print_table(results)
-  print(f"wrote {path}")
+  paper_step.write_report(args.out, "train_step.json", results, print_table)
   return results
 
 

@@ -8,8 +8,6 @@ on labelled target images: the upper bound every table needs.
 
 from __future__ import annotations
 
-import jax
-
 from jaxda.methods import base
 
 
