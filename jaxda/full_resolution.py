@@ -120,14 +120,18 @@ def evaluate_target(run, state, step: int, *,
   domain = run.data["target_val"]
   n = run.mesh.devices.size
   batch_size = max(n, (cfg.eval.batch_size // n) * n)
+  # This process's rows (load_data kept only its share), as many global
+  # batches on every process.
   confusion = evaluation.evaluate(
       confusion_fn, state,
-      eval_batches(domain.images, domain.labels.native,
-                   batch_size=batch_size, mode=cfg.data.normalization),
+      parallel.process_eval_batches(
+          domain.images, domain.labels.native, global_batch_size=batch_size,
+          mode=cfg.data.normalization, make_batches=eval_batches),
       run.mesh)
   result = evaluation.summarize_confusion(confusion, run.class_names)
   add_synthia13(result, confusion, run.class_names)
-  result["num_images"] = int(len(domain.images))
+  result["num_images"] = int(parallel.sum_over_processes(
+      np.asarray(len(domain.images))))
   result["num_pixels"] = int(confusion.sum())
   result["confusion"] = confusion.tolist()
   scalars = {f"{prefix}/miou": result["miou"],

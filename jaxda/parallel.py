@@ -301,7 +301,8 @@ def local_rows(x: jax.Array, mesh: jax.sharding.Mesh) -> np.ndarray:
 
 def process_eval_batches(images: np.ndarray, labels: np.ndarray | None, *,
                          global_batch_size: int, mode: str,
-                         offset: int = 0) -> Any:
+                         offset: int = 0,
+                         make_batches: Callable | None = None) -> Any:
   """In-order eval batches of this process's rows, as many on every process.
 
   Each process passes only the rows it owns (``process_shard``); batches
@@ -311,16 +312,20 @@ def process_eval_batches(images: np.ndarray, labels: np.ndarray | None, *,
   others). ``index`` is shifted by ``offset`` (the shard's first row), so it
   names the row of the whole split; padding rows have ``mask`` False.
 
+  ``make_batches(images, labels, batch_size=, mode=)`` builds this
+  process's batches (default ``pipeline.eval_batches``; full-resolution
+  evaluation passes one whose labels keep their own size).
+
   Yields:
     dicts as ``pipeline.eval_batches``: 'image' (B/P, H, W, 3), 'label' if
     given, 'index' (B/P,), 'mask' (B/P,).
   """
+  make_batches = make_batches or pipeline.eval_batches
   bs = local_batch_size(global_batch_size)
   steps = max_over_processes(-(-len(images) // bs))
   done = 0
   if len(images):
-    for batch in pipeline.eval_batches(images, labels, batch_size=bs,
-                                       mode=mode):
+    for batch in make_batches(images, labels, batch_size=bs, mode=mode):
       batch["index"] = np.where(batch["mask"], batch["index"] + offset, -1)
       done += 1
       yield batch
