@@ -80,12 +80,11 @@ def make_confusion_fn(models: base.Models, num_classes: int, *,
   ``batch``: 'image' (B, h, w, 3), 'label' (B, H, W), 'mask' (B,).
   """
 
+  logits_fn = evaluation.make_logits_fn(models, bn_mode=bn_mode)
+
   def confusion(state, batch):
-    outputs, _ = base.forward(models, state.params, state.batch_stats,
-                              batch["image"], bn_mode=bn_mode,
-                              labelled=False, training=False)
     logits = base.upsample_outputs(
-        {"main": outputs["main"].astype(jnp.float32)},
+        {"main": logits_fn(state, batch["image"]).astype(jnp.float32)},
         batch["label"].shape[1:3], align_corners=align_corners)["main"]
     preds = jnp.argmax(logits, axis=-1)
     labels = jnp.where(batch["mask"][:, None, None], batch["label"],
