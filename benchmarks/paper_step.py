@@ -121,7 +121,8 @@ def build(config, num_classes: int, init_size: int, seed: int,
   segmenter = models_lib.create_segmenter(
       config.model.name, num_classes, multi_level=config.model.multi_level,
       aspp_branches_used=config.model.aspp_branches_used,
-      remat=config.model.remat, **precision)
+      remat=config.model.remat,
+      remat_impl=config.model.get("remat_impl", "gated"), **precision)
   sched = config.optim.schedule_steps
   schedule_steps = config.num_steps if sched in (-1, None) else sched
   disc = disc_tx = None

@@ -228,7 +228,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       config.model.name, len(class_names),
       multi_level=config.model.multi_level,
       aspp_branches_used=config.model.aspp_branches_used,
-      remat=config.model.get("remat", False), **precision_options(config))
+      remat=config.model.get("remat", False),
+      remat_impl=config.model.get("remat_impl", "gated"),
+      **precision_options(config))
   disc = None
   disc_tx = None
   sched = config.optim.schedule_steps

@@ -6,7 +6,8 @@
 * an AdaptSegNet step with `compute_dtype='bfloat16'` is finite and close to
   the float32 step on the same weights and batch; parameters, optimiser
   state and losses stay float32;
-* `remat=True` gives the same step as `remat=False`;
+* `remat=True` gives the same step as `remat=False` (both remat
+  implementations), and the cotangent-gated one shrinks XLA's temporaries;
 * `train_loop.run_steps` reads no array back to the host except at logging
   and checkpoint steps (reads counted; `transfer_guard` is a no-op on CPU).
 """
@@ -41,8 +42,8 @@ def _numpy_conv(x, w, stride, padding, dilation):
   return out
 
 
-# 'auto' is 'dot' for 1x1 and 'lax' otherwise (float32): covered by both.
-@pytest.mark.parametrize('impl', ['lax', 'dot'])
+# 'auto' picks one of these per conv (`choose_impl`, tested below).
+@pytest.mark.parametrize('impl', ['lax', 'dot', 'taps'])
 @pytest.mark.parametrize('kernel,stride,padding,dilation', [
     ((1, 1), (1, 1), 'VALID', (1, 1)),
     ((1, 1), (2, 2), 'VALID', (1, 1)),
@@ -51,6 +52,8 @@ def _numpy_conv(x, w, stride, padding, dilation):
     ((7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),
 ])
 def test_conv_matches_numpy(impl, kernel, stride, padding, dilation):
+  if impl == 'taps' and stride != (1, 1):
+    pytest.skip("'taps' is stride-1 only (its error is tested below)")
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 11, 13, 5)).astype(np.float32)
   module = conv_lib.Conv(6, kernel, strides=stride, padding=padding,
@@ -63,6 +66,109 @@ def test_conv_matches_numpy(impl, kernel, stride, padding, dilation):
   want = _numpy_conv(x, np.asarray(variables['params']['kernel']), stride,
                      pad, dilation) + np.asarray(variables['params']['bias'])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('kernel,stride,padding,dilation', [
+    ((3, 3), (1, 1), ((2, 2), (2, 2)), (2, 2)),
+    ((4, 4), (2, 2), ((1, 1), (1, 1)), (1, 1)),
+    ((7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),
+    ((3, 3), (1, 1), ((6, 6), (6, 6)), (6, 6)),  # taps wholly in the padding
+])
+def test_patches_matmul_gradient_matches_numpy(kernel, stride, padding,
+                                               dilation):
+  # The k x k matmul conv keeps only its input and rebuilds the patches in
+  # the backward pass: both gradients against the NumPy convolution's
+  # (its VJP by central differences would be too loose, so the reference is
+  # the exact adjoint: <conv(x, w), g> differentiated in closed form).
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 11, 13, 5)).astype(np.float32)
+  w = rng.normal(size=kernel + (5, 6)).astype(np.float32)
+  y = _numpy_conv(x, w, stride, padding, dilation)
+  g = rng.normal(size=y.shape).astype(np.float32)
+  geometry = (kernel, stride, padding, dilation)
+  dx, dw = jax.grad(
+      lambda x, w: jnp.sum(conv_lib.patches_matmul(x, w, geometry) * g),
+      argnums=(0, 1))(x, w)
+  # Reference: d<conv(x, w), g>/dw[a, c] = sum over output pixels of
+  # patch_ac^T g; d/dx scatters g @ w[a, c]^T back onto the padded input.
+  (pt, pb), (pl, pr) = padding
+  xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  dxp = np.zeros_like(xp)
+  want_dw = np.zeros(w.shape)
+  oh, ow = y.shape[1:3]
+  (sh, sw), (dh, dw_) = stride, dilation
+  for a in range(kernel[0]):
+    for c in range(kernel[1]):
+      rows = slice(a * dh, a * dh + (oh - 1) * sh + 1, sh)
+      cols = slice(c * dw_, c * dw_ + (ow - 1) * sw + 1, sw)
+      want_dw[a, c] = np.einsum('bhwi,bhwo->io', xp[:, rows, cols], g)
+      dxp[:, rows, cols] += np.einsum('bhwo,io->bhwi', g, w[a, c])
+  want_dx = dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2]]
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      conv_lib.patches_matmul(x, w, geometry), y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('dilation,padding', [((1, 1), ((1, 1), (1, 1))),
+                                              ((6, 6), ((6, 6), (6, 6))),
+                                              ((2, 3), ((0, 4), (3, 1)))])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_output_taps_conv_value_and_gradient(dilation, padding, dtype):
+  # Against the direct NumPy conv (value) and XLA's conv (gradients), also
+  # with asymmetric padding and taps that fall wholly into the padding.
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 9, 12, 7)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 7, 4)).astype(np.float32)
+  got = conv_lib.output_taps_conv(jnp.asarray(x, dtype), jnp.asarray(w, dtype),
+                                  padding, dilation)
+  assert got.dtype == jnp.float32
+  tol = 1e-4 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(
+      got, _numpy_conv(x, w, (1, 1), padding, dilation), rtol=tol,
+      atol=tol * 10)
+  g = rng.normal(size=got.shape).astype(np.float32)
+  lax_conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), padding, rhs_dilation=dilation,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  want = jax.grad(lambda x, w: jnp.sum(lax_conv(x, w) * g),
+                  argnums=(0, 1))(x, w)
+  have = jax.grad(lambda x, w: jnp.sum(conv_lib.output_taps_conv(
+      x.astype(dtype), w.astype(dtype), padding, dilation) * g),
+                  argnums=(0, 1))(x, w)
+  for a, b in zip(have, want):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 30)
+
+
+def test_choose_impl_rule():
+  choose = conv_lib.choose_impl
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  same = ((1, 1), (1, 1))
+  # ASPP (2048 -> 19, Z smaller than the input) and bottleneck 3x3s.
+  assert choose('auto', (3, 3), (1, 1), same, 2048, 19, f32) == 'taps'
+  assert choose('auto', (3, 3), (1, 1), same, 256, 256, f32) == 'patches'
+  assert choose('auto', (3, 3), (1, 1), same, 256, 256, bf16) == 'taps'
+  assert choose('auto', (1, 1), (2, 2), ((0, 0), (0, 0)), 64, 8,
+                f32) == 'matmul'
+  # Strided k x k: XLA's conv in float32, im2col in bfloat16.
+  assert choose('auto', (4, 4), (2, 2), same, 19, 64, f32) == 'lax'
+  assert choose('auto', (4, 4), (2, 2), same, 19, 64, bf16) == 'patches'
+  assert choose('dot', (3, 3), (1, 1), same, 8, 8, f32) == 'patches'
+  assert choose('lax', (1, 1), (1, 1), ((0, 0), (0, 0)), 8, 8, f32) == 'lax'
+  with pytest.raises(ValueError, match='stride 1'):
+    choose('taps', (4, 4), (2, 2), same, 19, 64, f32)
+  with pytest.raises(ValueError, match='not in'):
+    choose('winograd', (3, 3), (1, 1), same, 8, 8, f32)
+
+
+def test_patches_matmul_keeps_only_its_input_for_backward():
+  # The residuals of the k x k matmul conv: the input and the kernel, not
+  # the kh*kw-times larger patch matrix (what made bf16 double the memory).
+  x = jnp.ones((1, 9, 9, 4), jnp.bfloat16)
+  w = jnp.ones((3, 3, 4, 8), jnp.bfloat16)
+  geometry = ((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1))
+  _, residuals = conv_lib._patches_matmul_fwd(x, w, geometry)  # pylint: disable=protected-access
+  assert [r.shape for r in residuals] == [x.shape, w.shape]
 
 
 def test_matmul_gradient_matches_autodiff_of_dot():
@@ -83,7 +189,8 @@ def test_matmul_gradient_matches_autodiff_of_dot():
                              atol=5e-2)
 
 
-def _tiny_step(compute_dtype='float32', remat=False, bn_mode='train'):
+def _tiny_step(compute_dtype='float32', remat=False, bn_mode='train',
+               remat_impl='gated'):
   """One jitted AdaptSegNet step on the tiny network; (state, step, batch)."""
   config = adaptsegnet_config.get_config('tiny')
   config.model.compute_dtype = compute_dtype
@@ -96,7 +203,8 @@ def _tiny_step(compute_dtype='float32', remat=False, bn_mode='train'):
   from jaxda import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxda.methods import get_method  # pylint: disable=g-import-not-at-top
   seg = models_lib.create_segmenter(config.model.name, num_classes,
-                                    remat=remat, **precision)
+                                    remat=remat, remat_impl=remat_impl,
+                                    **precision)
   disc = models_lib.create_discriminator(config.adversarial.ndf).clone(
       **precision)
   tx, _ = optim.make_segmenter_tx(
@@ -174,18 +282,84 @@ def test_remat_step_equals_plain_step(fp32_step):
   np.testing.assert_allclose(ma['loss'], mb['loss'], rtol=1e-6)
 
 
+@pytest.mark.parametrize('remat_impl', ['gated', 'jax'])
+def test_remat_step_with_frozen_bn_equals_plain_step(remat_impl):
+  # bn_mode='frozen' is the paper preset's, where 'gated' is the remat used
+  # (with train_bn it falls back to nn.remat, covered above).
+  state, step, batch = _tiny_step('float32', bn_mode='frozen')
+  a, ma = step(state, batch, jax.random.key(0))
+  _, step_remat, _ = _tiny_step('float32', remat=True, bn_mode='frozen',
+                                remat_impl=remat_impl)
+  b, mb = step_remat(state, batch, jax.random.key(0))
+  for x, y in zip(jax.tree.leaves((a.params, a.disc_params)),
+                  jax.tree.leaves((b.params, b.disc_params))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  for k in ma:
+    np.testing.assert_allclose(ma[k], mb[k], rtol=1e-5, atol=1e-7,
+                               err_msg=k)
+
+
+def test_after_keeps_values_and_orders_by_data():
+  from jaxda.models import remat as remat_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  x = {'a': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+       'b': jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16)}
+  dep = jnp.asarray(rng.normal(size=(2, 7)), jnp.float32) * 1e30
+  got = remat_lib.after(x, dep, jnp.float32(-3.0))
+  chex.assert_trees_all_equal(got, x)
+  chex.assert_trees_all_equal_dtypes(got, x)
+  # The dependency is real data flow: its value reaches the output when it
+  # is not finite (what keeps XLA from dropping it).
+  bad = remat_lib.after(x, jnp.full((2,), jnp.inf))
+  assert not np.isfinite(np.asarray(bad['a'])).any()
+
+
+def _grad_temp_bytes(remat, remat_impl, stage_sizes=(1, 1, 8, 1)):
+  from jaxda.models import deeplab  # pylint: disable=g-import-not-at-top
+  model = deeplab.DeepLabV2(5, stage_sizes=stage_sizes, base_width=8,
+                            remat=remat, remat_impl=remat_impl)
+  x = jnp.zeros((1, 96, 160, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+  def grad(params, batch_stats, x):
+    loss = lambda p: sum(jnp.sum(v ** 2) for v in model.apply(
+        {'params': p, 'batch_stats': batch_stats}, x).values())
+    return jax.grad(loss)(params)
+
+  compiled = jax.jit(grad).lower(variables['params'],
+                                 variables['batch_stats'], x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_gated_remat_shrinks_the_backward_pass_memory():
+  # What remat is for, measured on XLA's own buffer assignment: with the
+  # cotangent-gated recomputation only block inputs outlive the forward
+  # pass, so the gradient's temporaries shrink (8 blocks in layer3 here).
+  # `nn.remat` is not held to this: XLA:CPU schedules its recomputations
+  # early and it does not shrink there (benchmarks/NOTES.md).
+  plain = _grad_temp_bytes(False, 'gated')
+  gated = _grad_temp_bytes(True, 'gated')
+  assert gated < 0.6 * plain, (gated, plain)
+
+
 def test_remat_is_applied_to_backbone_blocks():
   from jaxda import models as models_lib  # pylint: disable=g-import-not-at-top
   x = jnp.zeros((1, 16, 16, 3))
-  counts = {}
-  for remat in (False, True):
-    model = models_lib.create_segmenter('deeplabv2_tiny', 3, remat=remat)
+  jaxprs = {}
+  for remat, impl in ((False, 'gated'), (True, 'jax'), (True, 'gated')):
+    model = models_lib.create_segmenter('deeplabv2_tiny', 3, remat=remat,
+                                        remat_impl=impl)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     loss = lambda p, bs: jnp.sum(model.apply(
         {'params': p, 'batch_stats': bs}, x)['main'])
-    counts[remat] = str(jax.make_jaxpr(jax.grad(loss))(
-        variables['params'], variables['batch_stats'])).count('remat')
-  assert counts[False] == 0 and counts[True] == 4  # one per tiny block
+    jaxprs[remat, impl] = str(jax.make_jaxpr(jax.grad(loss))(
+        variables['params'], variables['batch_stats']))
+  plain, jax_remat, gated = jaxprs.values()
+  # One `remat` call per tiny block for nn.remat; custom VJPs beside the
+  # matmul convs' for the gated remat (its effect: the memory test above).
+  assert plain.count('remat') == 0 and jax_remat.count('remat') == 4
+  assert gated.count('remat') == 0
+  assert gated.count('custom_vjp') > plain.count('custom_vjp')
 
 
 def _tiny_run(tmp_path, log_every):

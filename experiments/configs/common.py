@@ -79,7 +79,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.upsample_align_corners = True  # originals: align_corners=True
   c.model.compute_dtype = "float32"  # or 'bfloat16' (params, losses: f32)
   c.model.remat = False  # recompute backbone blocks in backward (memory)
-  c.model.conv_impl = "auto"  # 'auto' | 'lax' | 'dot' (jaxda.models.conv)
+  # 'gated': recompute each block only once its output cotangent exists
+  # (jaxda.models.remat; frozen BN); 'jax': nn.remat, which XLA:CPU
+  # schedules all at once (no memory saved there).
+  c.model.remat_impl = "gated"
+  c.model.conv_impl = "auto"  # 'auto' | 'lax' | 'dot' | 'taps' (models.conv)
   c.model.init_checkpoint = ""  # workdir of a run to warm-start from
   c.model.init_weights = ""  # experiments.import_weights --out DIR (partial OK; init_checkpoint wins)
 

@@ -10,12 +10,16 @@ measured on a 2-core AVX-512/AMX CPU, jax 0.10.2):
   contraction written as a matrix product, which XLA hands to its tuned dot
   library (YNNPACK). A 1×1 conv *is* a matrix product (strided: of the
   strided slice), so `impl='auto'` always runs it as one.
-* XLA:CPU converts bfloat16 convolutions to float32 (no AMX), while a
-  bfloat16 × bfloat16 → float32 dot runs on the AMX tiles (~5× the float32
-  rate). With a bfloat16 compute dtype, k×k convs therefore run as im2col
-  (the kh·kw shifted slices concatenated on the channel axis) times the
-  reshaped kernel. In float32, XLA's own k×k convolution is kept: it is as
-  fast as im2col and needs no kh·kw-times larger buffer.
+* A stride-1 k×k conv is a sum over taps of shifted products. Multiplying
+  the input once by all taps' kernels side by side and summing shifted
+  slices of the result (`output_taps_conv`) makes it one large dot: in
+  bfloat16 2-20× faster than XLA's conv (which XLA:CPU converts to float32,
+  no AMX) or im2col, in float32 5× faster for DeepLab's ASPP (2048 -> 19).
+* Elsewhere in float32 the im2col matmul (`patches_matmul`, which keeps
+  only its input for the backward pass) beats XLA's conv 1.5-2× for
+  stride 1; strided float32 convs keep XLA's.
+
+`choose_impl` holds the rule.
 
 Products accumulate in float32 and return the compute dtype; their
 gradients are computed the same way (cotangent cast to the compute dtype,
@@ -24,6 +28,7 @@ Written by hand: Flax has no matmul-backed convolution.
 """
 
 from collections.abc import Callable, Sequence
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -31,25 +36,31 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-IMPLS = ('auto', 'lax', 'dot')
+from jaxda.models import remat
+
+IMPLS = ('auto', 'lax', 'dot', 'taps')
 
 
 @jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """(..., K) @ (K, N) -> (..., N), float32 accumulation, x's dtype out.
+def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+  """(..., K) @ (K, N) -> (..., N) in float32 (float32 accumulation).
+
+  Its gradients are computed in the inputs' dtype with float32
+  accumulation: with bfloat16 inputs all three products run on the same
+  bfloat16 (AMX) path.
 
   Args:
     x: (..., K) activations (float32 or bfloat16).
     w: (K, N) weights, same dtype as x.
 
   Returns:
-    (..., N) in x.dtype.
+    (..., N) float32.
   """
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
 def _matmul_fwd(x, w):
-  return matmul(x, w), (x, w)
+  return matmul_f32(x, w), (x, w)
 
 
 def _matmul_bwd(res, g):
@@ -64,10 +75,28 @@ def _matmul_bwd(res, g):
                        preferred_element_type=jnp.float32)
   dw = lax.dot_general(x2, g2, (((0,), (0,)), ((), ())),
                        preferred_element_type=jnp.float32)
+  # dx is released with dw, so the weight-gradient product cannot be
+  # deferred to the end of the backward pass with `g` (for the taps conv
+  # 9x an output) and `x` held until then.
   return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+matmul_f32.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """(..., K) @ (K, N) -> (..., N), float32 accumulation, x's dtype out.
+
+  Args:
+    x: (..., K) activations (float32 or bfloat16).
+    w: (K, N) weights, same dtype as x.
+
+  Returns:
+    (..., N) in x.dtype.
+  """
+  # The cast's transpose hands `matmul_f32` a float32 cotangent that holds
+  # x.dtype values exactly, so the backward products are unchanged.
+  return matmul_f32(x, w).astype(x.dtype)
 
 
 def im2col(x: jax.Array, kernel_size: Sequence[int], strides: Sequence[int],
@@ -99,6 +128,144 @@ def im2col(x: jax.Array, kernel_size: Sequence[int], strides: Sequence[int],
   return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def patches_matmul(x: jax.Array, kernel: jax.Array,
+                   geometry: tuple) -> jax.Array:
+  """`im2col(x, *geometry) @ kernel` that keeps only `x` for the backward.
+
+  A plain `matmul(im2col(x), ...)` keeps the kh·kw-times larger patches
+  alive from the forward to the backward pass; with bfloat16 convs that
+  doubled the paper-size step's memory (benchmarks/NOTES.md). Here the
+  backward pass rebuilds the patches from `x` (a copy, no FLOPs) and sends
+  the patch gradient back through im2col's transpose.
+
+  Args:
+    x: (B, H, W, C_in) input.
+    kernel: (kh, kw, C_in, C_out), same dtype as x.
+    geometry: (kernel_size, strides, padding, dilation) as `im2col` takes
+      them, as hashable tuples.
+
+  Returns:
+    (B, h, w, C_out) in x.dtype (float32 accumulation).
+  """
+  patches = im2col(x, *geometry)
+  return matmul(patches, kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _patches_matmul_fwd(x, kernel, geometry):
+  return patches_matmul(x, kernel, geometry), (x, kernel)
+
+
+def _patches_matmul_bwd(geometry, res, g):
+  x, kernel = res
+  # Read x through a data dependency on g: otherwise XLA merges this im2col
+  # with the forward one (CSE) and keeps the patches alive in between.
+  x = remat.after(x, g)
+  patches, im2col_vjp = jax.vjp(lambda v: im2col(v, *geometry), x)
+  w2 = kernel.reshape(-1, kernel.shape[-1])
+  _, matmul_vjp = jax.vjp(matmul, patches, w2)
+  patches_grad, w_grad = matmul_vjp(g)
+  (x_grad,) = im2col_vjp(patches_grad)
+  # Released with the weight gradient, so that its product (which reads the
+  # patches) is not deferred to the end of the backward pass.
+  x_grad = remat.after(x_grad, w_grad)
+  return x_grad, w_grad.reshape(kernel.shape)
+
+
+patches_matmul.defvjp(_patches_matmul_fwd, _patches_matmul_bwd)
+
+
+def output_taps_conv(x: jax.Array, kernel: jax.Array,
+                     padding: Sequence[tuple[int, int]],
+                     dilation: Sequence[int]) -> jax.Array:
+  """Stride-1 convolution as one matmul into per-tap outputs, then shifts.
+
+  A convolution is a sum over kernel taps of shifted products,
+  y[i, j] = sum_(a, c) (x @ W[a, c])[i + a dh - top, j + c dw - left]
+  (zero outside the image). Multiplying x once by all taps' kernels side by
+  side, Z = x @ [W[0, 0] | W[0, 1] | ...] with (kh kw C_out) columns, and
+  summing shifted slices of Z gives the same output with a buffer of
+  kh kw C_out channels instead of im2col's kh kw C_in. For DeepLab's ASPP
+  (2048 -> 19 channels, dilations 6-24) that is 171 instead of 18,432
+  channels per pixel: the buffers that doubled the bfloat16 step's memory
+  (benchmarks/NOTES.md), and one dot with K = C_in instead of a K = 9 C_in
+  dot with N = 19. The gradient needs only x (and the small dZ).
+
+  Args:
+    x: (B, H, W, C_in) input.
+    kernel: (kh, kw, C_in, C_out), same dtype as x.
+    padding: ((top, bottom), (left, right)) zero padding.
+    dilation: (dh, dw).
+
+  Returns:
+    (B, h, w, C_out) float32, h = H + top + bottom - dh (kh - 1) (likewise w).
+  """
+  kh, kw, cin, cout = kernel.shape
+  (top, bottom), (left, right) = padding
+  dh, dw = dilation
+  # (C_in, kh * kw * C_out), column block a * kw + c holds tap (a, c).
+  w_all = kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+  z = matmul_f32(x, w_all)
+  z = jnp.pad(z, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  b, hp, wp, _ = z.shape
+  oh, ow = hp - dh * (kh - 1), wp - dw * (kw - 1)
+  taps = [lax.slice(z, (0, a * dh, c * dw, (a * kw + c) * cout),
+                    (b, a * dh + oh, c * dw + ow, (a * kw + c + 1) * cout))
+          for a in range(kh) for c in range(kw)]
+  return sum(taps[1:], taps[0])
+
+
+def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
+                padding: Sequence[tuple[int, int]], c_in: int, c_out: int,
+                dtype: Any) -> str:
+  """The way a conv runs: 'matmul', 'taps', 'patches' or 'lax'.
+
+  'auto' (measured on a 2-core AVX-512/AMX CPU, benchmarks/NOTES.md):
+
+  * 1×1 (any stride): 'matmul', the strided input times the kernel.
+  * stride-1 k×k in low precision: 'taps' (`output_taps_conv`), the fastest
+    there by 2-20× (one large bfloat16 dot on AMX, no im2col copy).
+  * stride-1 k×k in float32: 'taps' where Z is no larger than the input
+    (kh kw C_out <= C_in: ASPP's 2048 -> 19), else 'patches'. A float32
+    taps sum is a cheap elementwise producer, which XLA:CPU duplicates into
+    the backward pass's fusions, so each bottleneck's Z (9x its output)
+    stayed alive from the forward pass: 2x the step's memory. (A bfloat16
+    output is materialised by its cast, and nothing is duplicated.)
+  * strided k×k (stem, discriminators): 'patches' in low precision (XLA
+    converts bfloat16 convolutions to float32), 'lax' in float32.
+
+  Args:
+    impl: 'auto', 'lax', 'dot' (im2col matmul for every conv) or 'taps'.
+    kernel_size: (kh, kw).
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)).
+    c_in: input channels.
+    c_out: output channels.
+    dtype: compute dtype.
+
+  Returns:
+    One of 'matmul', 'taps', 'patches', 'lax'.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f'conv impl {impl!r} not in {IMPLS}')
+  kh, kw = kernel_size
+  unit_stride = tuple(strides) == (1, 1)
+  pointwise = (kh, kw) == (1, 1) and tuple(padding) == ((0, 0), (0, 0))
+  if impl == 'taps' and not unit_stride:
+    raise ValueError(f"conv impl 'taps' needs stride 1, got {tuple(strides)}")
+  if impl == 'lax':
+    return 'lax'
+  if pointwise and impl in ('auto', 'dot'):
+    return 'matmul'
+  if impl in ('taps', 'dot'):
+    return 'patches' if impl == 'dot' else 'taps'
+  low_precision = jnp.dtype(dtype) != jnp.float32
+  if unit_stride:
+    return ('taps' if low_precision or kh * kw * c_out <= c_in
+            else 'patches')
+  return 'patches' if low_precision else 'lax'
+
+
 class Conv(nn.Module):
   """2-D NHWC convolution with `nn.Conv`'s parameters (see module doc).
 
@@ -113,9 +280,9 @@ class Conv(nn.Module):
     bias_init: bias initializer.
     dtype: compute dtype (None: float32); parameters stay `param_dtype`.
     param_dtype: dtype of the stored parameters.
-    impl: 'auto' (1×1 as matmul; k×k as matmul in low precision, XLA conv
-      in float32), 'lax' (XLA conv only, like `nn.Conv`) or 'dot' (every
-      conv as a matmul).
+    impl: 'auto' (the measured fastest per conv, see `choose_impl`), 'lax'
+      (XLA's conv only, like `nn.Conv`), 'dot' (every conv as an im2col
+      matmul) or 'taps' (stride-1 convs as `output_taps_conv`).
   """
   features: int
   kernel_size: Sequence[int]
@@ -139,8 +306,6 @@ class Conv(nn.Module):
     Returns:
       (B, h, w, features) in the compute dtype.
     """
-    if self.impl not in IMPLS:
-      raise ValueError(f'conv impl {self.impl!r} not in {IMPLS}')
     kh, kw = self.kernel_size
     kernel = self.param('kernel', self.kernel_init,
                         (kh, kw, x.shape[-1], self.features),
@@ -150,14 +315,18 @@ class Conv(nn.Module):
     kernel = kernel.astype(dtype)
     padding = (((0, 0), (0, 0)) if self.padding == 'VALID'
                else tuple(tuple(p) for p in self.padding))
-    pointwise = (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0))
-    as_matmul = (self.impl == 'dot' or
-                 (self.impl == 'auto'
-                  and (pointwise or dtype != jnp.float32)))
-    if as_matmul:
-      patches = im2col(x, (kh, kw), self.strides, padding,
-                       self.kernel_dilation)
-      y = matmul(patches, kernel.reshape(-1, self.features))
+    geometry = ((kh, kw), tuple(self.strides), padding,
+                tuple(self.kernel_dilation))
+    impl = choose_impl(self.impl, (kh, kw), self.strides, padding,
+                       x.shape[-1], self.features, dtype)
+    if impl == 'matmul':
+      # The (strided) input itself is the patch matrix: nothing to rebuild.
+      y = matmul(im2col(x, *geometry), kernel.reshape(-1, self.features))
+    elif impl == 'taps':
+      y = output_taps_conv(x, kernel, padding,
+                           self.kernel_dilation).astype(dtype)
+    elif impl == 'patches':
+      y = patches_matmul(x, kernel, geometry)
     else:
       y = lax.conv_general_dilated(
           x, kernel, tuple(self.strides), padding,

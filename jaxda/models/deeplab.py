@@ -100,6 +100,7 @@ class DeepLabV2(nn.Module):
     dtype: compute dtype (None: float32); parameters stay float32 and the
       logits are returned in float32, so losses never see bfloat16.
     remat: rematerialise every backbone bottleneck in the backward pass.
+    remat_impl: 'gated' or 'jax' (see `resnet.ResNetLayer`).
     conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   num_classes: int
@@ -110,6 +111,7 @@ class DeepLabV2(nn.Module):
   aspp_dilations: Sequence[int] = (6, 12, 18, 24)
   dtype: Any = None
   remat: bool = False
+  remat_impl: str = 'gated'
   conv_impl: str = 'auto'
 
   @nn.compact
@@ -130,6 +132,7 @@ class DeepLabV2(nn.Module):
     """
     features = resnet.ResNet(self.stage_sizes, self.base_width,
                              dtype=self.dtype, remat=self.remat,
+                             remat_impl=self.remat_impl,
                              conv_impl=self.conv_impl,
                              name='backbone')(x, train_bn=train_bn)
     aspp = lambda name: ASPP(self.num_classes, self.aspp_dilations,

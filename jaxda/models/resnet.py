@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxda.models import conv as conv_lib
+from jaxda.models import remat as remat_lib
 
 # The originals initialise every conv weight from N(0, 0.01).
 CONV_INIT = nn.initializers.normal(stddev=0.01)
@@ -37,6 +38,8 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 EXPANSION = 4
+
+REMAT_IMPLS = ('gated', 'jax')
 
 
 def ceil_mode_pool_padding(size: int, window: int, stride: int,
@@ -155,7 +158,11 @@ class ResNetLayer(nn.Module):
     dilation: dilation of every block's 3×3 conv.
     dtype: compute dtype (None: float32); parameters stay float32.
     remat: recompute each block's activations in the backward pass
-      (`nn.remat`) instead of keeping them: only block inputs stay alive.
+      instead of keeping them: only block inputs stay alive.
+    remat_impl: 'gated' (`remat.gated_remat`: recomputation waits for the
+      block's output cotangent, so one block is alive at a time; frozen BN
+      only, `nn.remat` with train_bn) or 'jax' (`nn.remat`, which XLA may
+      schedule all at once).
     conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   num_blocks: int
@@ -164,6 +171,7 @@ class ResNetLayer(nn.Module):
   dilation: int = 1
   dtype: Any = None
   remat: bool = False
+  remat_impl: str = 'gated'
   conv_impl: str = 'auto'
 
   @nn.compact
@@ -177,16 +185,24 @@ class ResNetLayer(nn.Module):
     Returns:
       (B, H', W', 4 * width) features; H' = ceil(H / stride).
     """
+    if self.remat_impl not in REMAT_IMPLS:
+      raise ValueError(f'remat_impl {self.remat_impl!r} not in {REMAT_IMPLS}')
+    # The gated remat re-applies a block to a snapshot of its variables, so
+    # it cannot carry BatchNorm statistics updates (train_bn): `nn.remat`.
+    gated = self.remat and self.remat_impl == 'gated' and not train_bn
     # `train_bn` is a Python bool deciding the graph: static under remat
     # (argument 2, counting the module itself as 0).
-    block = (nn.remat(Bottleneck, static_argnums=(2,)) if self.remat
-             else Bottleneck)
+    block_cls = (nn.remat(Bottleneck, static_argnums=(2,))
+                 if self.remat and not gated else Bottleneck)
     for i in range(self.num_blocks):
       # AdaptSegNet's `_make_layer` gives every first block a projection,
       # also when only the dilation changes (layer3, layer4).
-      x = block(self.width, stride=self.stride if i == 0 else 1,
-                dilation=self.dilation, downsample=i == 0, dtype=self.dtype,
-                conv_impl=self.conv_impl, name=str(i))(x, train_bn)
+      block = block_cls(self.width, stride=self.stride if i == 0 else 1,
+                        dilation=self.dilation, downsample=i == 0,
+                        dtype=self.dtype, conv_impl=self.conv_impl,
+                        name=str(i))
+      x = (remat_lib.gated_remat(block, x, train_bn) if gated
+           else block(x, train_bn))
     return x
 
 
@@ -201,6 +217,7 @@ class ResNet(nn.Module):
     dilations: dilation of layer3 and layer4.
     dtype: compute dtype (None: float32); parameters stay float32.
     remat: rematerialise every bottleneck block in the backward pass.
+    remat_impl: 'gated' or 'jax' (see `ResNetLayer`).
     conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
   """
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
@@ -208,6 +225,7 @@ class ResNet(nn.Module):
   dilations: tuple[int, int] = (2, 4)
   dtype: Any = None
   remat: bool = False
+  remat_impl: str = 'gated'
   conv_impl: str = 'auto'
 
   @nn.compact
@@ -240,7 +258,7 @@ class ResNet(nn.Module):
       name = f'layer{k + 1}'
       x = ResNetLayer(num_blocks, w * 2**k, stride=strides[k],
                       dilation=dilations[k], dtype=self.dtype,
-                      remat=self.remat, conv_impl=self.conv_impl,
-                      name=name)(x, train_bn=train_bn)
+                      remat=self.remat, remat_impl=self.remat_impl,
+                      conv_impl=self.conv_impl, name=name)(x, train_bn=train_bn)
       features[name] = x
     return features
