@@ -140,6 +140,31 @@ def test_output_taps_conv_value_and_gradient(dilation, padding, dtype):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 30)
 
 
+@pytest.mark.parametrize('kernel,stride,padding,size', [
+    ((4, 4), (2, 2), ((1, 1), (1, 1)), (11, 13)),  # odd sizes: crop / pad
+    ((4, 4), (2, 2), ((1, 1), (1, 1)), (16, 8)),
+    ((6, 4), (3, 2), ((2, 0), (1, 3)), (14, 9)),
+    ((2, 2), (2, 2), ((0, 0), (0, 0)), (7, 10)),
+])
+def test_space_to_depth_conv_matches_numpy(kernel, stride, padding, size):
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(2,) + size + (5,)).astype(np.float32)
+  w = rng.normal(size=kernel + (5, 3)).astype(np.float32)
+  got = conv_lib.space_to_depth_conv(x, w, stride, padding)
+  np.testing.assert_allclose(got, _numpy_conv(x, w, stride, padding, (1, 1)),
+                             rtol=1e-4, atol=1e-4)
+  g = rng.normal(size=got.shape).astype(np.float32)
+  lax_conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, stride, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  want = jax.grad(lambda x, w: jnp.sum(lax_conv(x, w) * g),
+                  argnums=(0, 1))(x, w)
+  have = jax.grad(lambda x, w: jnp.sum(
+      conv_lib.space_to_depth_conv(x, w, stride, padding) * g),
+                  argnums=(0, 1))(x, w)
+  for a, b in zip(have, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 def test_choose_impl_rule():
   choose = conv_lib.choose_impl
   f32, bf16 = jnp.float32, jnp.bfloat16
@@ -152,7 +177,10 @@ def test_choose_impl_rule():
                 f32) == 'matmul'
   # Strided k x k: XLA's conv in float32, im2col in bfloat16.
   assert choose('auto', (4, 4), (2, 2), same, 19, 64, f32) == 'lax'
-  assert choose('auto', (4, 4), (2, 2), same, 19, 64, bf16) == 'patches'
+  assert choose('auto', (4, 4), (2, 2), same, 19, 64, bf16) == 'space_to_depth'
+  assert choose('auto', (7, 7), (2, 2), same, 3, 64, bf16) == 'patches'
+  assert choose('auto', (3, 3), (1, 1), same, 32, 32, f32) == 'lax'
+  assert choose('auto', (3, 3), (1, 1), same, 32, 32, bf16) == 'taps'
   assert choose('dot', (3, 3), (1, 1), same, 8, 8, f32) == 'patches'
   assert choose('lax', (1, 1), (1, 1), ((0, 0), (0, 0)), 8, 8, f32) == 'lax'
   with pytest.raises(ValueError, match='stride 1'):

@@ -34,11 +34,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 from jax import lax
+from jax.experimental import layout
 import jax.numpy as jnp
 
 from jaxda.models import remat
 
 IMPLS = ('auto', 'lax', 'dot', 'taps')
+
+# Float32 convs narrower than this keep XLA's conv under 'auto': the CPU
+# test networks (8-32 channels) gain little from the matmul forms and their
+# compile time doubled with them.
+MIN_MATMUL_CHANNELS = 64
 
 
 @jax.custom_vjp
@@ -73,8 +79,7 @@ def _matmul_bwd(res, g):
   g2 = g.reshape(-1, n)
   dx = lax.dot_general(g2, w, (((1,), (1,)), ((), ())),
                        preferred_element_type=jnp.float32)
-  dw = lax.dot_general(x2, g2, (((0,), (0,)), ((), ())),
-                       preferred_element_type=jnp.float32)
+  dw = weight_gradient(x2, g2)
   # dx is released with dw, so the weight-gradient product cannot be
   # deferred to the end of the backward pass with `g` (for the taps conv
   # 9x an output) and `x` held until then.
@@ -82,6 +87,39 @@ def _matmul_bwd(res, g):
 
 
 matmul_f32.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _contract_rows(x: jax.Array, g: jax.Array) -> jax.Array:
+  return lax.dot_general(x, g, (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _contract_rows_transposed(x: jax.Array, g: jax.Array) -> jax.Array:
+  # XLA:CPU hands a dot to its AMX-capable library (YNNPACK) only when the
+  # left operand contracts over its minor axis; `x^T g` contracts over
+  # x's major one and falls back to a float32 Eigen product (bfloat16:
+  # 7.5 ms where the layer's forward product takes 1.3). A row-major x^T,
+  # pinned by a layout constraint so that XLA cannot fold the transpose back
+  # into the dot, costs one transpose (~1.3 ms) and makes it 2.4 ms.
+  xt = layout.with_layout_constraint(x.T, layout.Layout((0, 1)))
+  return jnp.dot(xt, g, preferred_element_type=jnp.float32)
+
+
+def weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+  """x^T g: the weight gradient of `x @ w`, float32 accumulation.
+
+  Args:
+    x: (M, K) inputs (M = every pixel of the batch).
+    g: (M, N) output cotangents, x's dtype.
+
+  Returns:
+    (K, N) float32.
+  """
+  if x.dtype == jnp.float32:
+    return _contract_rows(x, g)
+  # The transposed form only pays on XLA:CPU (measured there).
+  return lax.platform_dependent(x, g, cpu=_contract_rows_transposed,
+                                default=_contract_rows)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -215,6 +253,48 @@ def output_taps_conv(x: jax.Array, kernel: jax.Array,
   return sum(taps[1:], taps[0])
 
 
+def space_to_depth_conv(x: jax.Array, kernel: jax.Array,
+                        strides: Sequence[int],
+                        padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """A strided conv as a stride-1 `output_taps_conv` on space-to-depth input.
+
+  With stride s and kernel size k divisible by s, window (i, j) reads padded
+  rows s i + a = s (i + a // s) + a % s: the conv is a (k/s)×(k/s) stride-1
+  conv over the input cut into s×s blocks (s² C_in channels). For the FC
+  discriminator's 4×4/2 convs that is a 2×2 conv with 4 C_in channels, one
+  AMX-sized dot per layer in bfloat16 instead of an im2col of 16 C_in.
+
+  Args:
+    x: (B, H, W, C_in) input.
+    kernel: (kh, kw, C_in, C_out), kh % sh == kw % sw == 0, x's dtype.
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)) zero padding.
+
+  Returns:
+    (B, h, w, C_out) float32, h = (H + top + bottom - kh) // sh + 1.
+  """
+  kh, kw, cin, cout = kernel.shape
+  sh, sw = strides
+  (top, bottom), (left, right) = padding
+  b, h, w, _ = x.shape
+  oh = (h + top + bottom - kh) // sh + 1
+  ow = (w + left + right - kw) // sw + 1
+  # Rows (columns) the windows read, rounded up to whole blocks; rows past
+  # the last window's reach are cropped, missing ones are zeros.
+  hp, wp = (oh - 1 + kh // sh) * sh, (ow - 1 + kw // sw) * sw
+  xp = jnp.pad(x, ((0, 0), (top, max(0, hp - h - top)),
+                   (left, max(0, wp - w - left)), (0, 0)))[:, :hp, :wp]
+  # (B, hp/sh, wp/sw, (r, q, C_in)) with (r, q) the offset in the block.
+  blocks = xp.reshape(b, hp // sh, sh, wp // sw, sw, cin)
+  blocks = blocks.transpose(0, 1, 3, 2, 4, 5).reshape(
+      b, hp // sh, wp // sw, sh * sw * cin)
+  # kernel[a' sh + r, c' sw + q] -> (a', c', (r, q, C_in), C_out).
+  k2 = kernel.reshape(kh // sh, sh, kw // sw, sw, cin, cout)
+  k2 = k2.transpose(0, 2, 1, 3, 4, 5).reshape(
+      kh // sh, kw // sw, sh * sw * cin, cout)
+  return output_taps_conv(blocks, k2, ((0, 0), (0, 0)), (1, 1))
+
+
 def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
                 padding: Sequence[tuple[int, int]], c_in: int, c_out: int,
                 dtype: Any) -> str:
@@ -225,14 +305,16 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
   * 1×1 (any stride): 'matmul', the strided input times the kernel.
   * stride-1 k×k in low precision: 'taps' (`output_taps_conv`), the fastest
     there by 2-20× (one large bfloat16 dot on AMX, no im2col copy).
-  * stride-1 k×k in float32: 'taps' where Z is no larger than the input
-    (kh kw C_out <= C_in: ASPP's 2048 -> 19), else 'patches'. A float32
+  * stride-1 k×k in float32 with C_in >= MIN_MATMUL_CHANNELS: 'taps'
+    where Z is no larger than the input (kh kw C_out <= C_in: ASPP's
+    2048 -> 19), else 'patches'; narrower ones 'lax'. A float32
     taps sum is a cheap elementwise producer, which XLA:CPU duplicates into
     the backward pass's fusions, so each bottleneck's Z (9x its output)
     stayed alive from the forward pass: 2x the step's memory. (A bfloat16
     output is materialised by its cast, and nothing is duplicated.)
-  * strided k×k (stem, discriminators): 'patches' in low precision (XLA
-    converts bfloat16 convolutions to float32), 'lax' in float32.
+  * strided k×k (stem, discriminators): in low precision 'space_to_depth'
+    where the stride divides the kernel (the discriminators' 4×4/2), else
+    'patches' (the 7×7/2 stem); 'lax' in float32.
 
   Args:
     impl: 'auto', 'lax', 'dot' (im2col matmul for every conv) or 'taps'.
@@ -244,7 +326,7 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
     dtype: compute dtype.
 
   Returns:
-    One of 'matmul', 'taps', 'patches', 'lax'.
+    One of 'matmul', 'taps', 'space_to_depth', 'patches', 'lax'.
   """
   if impl not in IMPLS:
     raise ValueError(f'conv impl {impl!r} not in {IMPLS}')
@@ -260,10 +342,14 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
   if impl in ('taps', 'dot'):
     return 'patches' if impl == 'dot' else 'taps'
   low_precision = jnp.dtype(dtype) != jnp.float32
-  if unit_stride:
-    return ('taps' if low_precision or kh * kw * c_out <= c_in
-            else 'patches')
-  return 'patches' if low_precision else 'lax'
+  if low_precision:
+    if unit_stride:
+      return 'taps'
+    divisible = kh % strides[0] == 0 and kw % strides[1] == 0
+    return 'space_to_depth' if divisible else 'patches'
+  if not unit_stride or c_in < MIN_MATMUL_CHANNELS:
+    return 'lax'
+  return 'taps' if kh * kw * c_out <= c_in else 'patches'
 
 
 class Conv(nn.Module):
@@ -325,6 +411,9 @@ class Conv(nn.Module):
     elif impl == 'taps':
       y = output_taps_conv(x, kernel, padding,
                            self.kernel_dilation).astype(dtype)
+    elif impl == 'space_to_depth':
+      y = space_to_depth_conv(x, kernel, self.strides,
+                              padding).astype(dtype)
     elif impl == 'patches':
       y = patches_matmul(x, kernel, geometry)
     else:
