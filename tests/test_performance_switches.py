@@ -310,12 +310,20 @@ def test_remat_step_equals_plain_step(fp32_step):
   np.testing.assert_allclose(ma['loss'], mb['loss'], rtol=1e-6)
 
 
+@pytest.fixture(scope='module')
+def frozen_bn_step():
+  """(state, batch, new state, metrics) of a plain step with frozen BN."""
+  state, step, batch = _tiny_step('float32', bn_mode='frozen')
+  new_state, metrics = step(state, batch, jax.random.key(0))
+  return state, batch, new_state, metrics
+
+
 @pytest.mark.parametrize('remat_impl', ['gated', 'jax'])
-def test_remat_step_with_frozen_bn_equals_plain_step(remat_impl):
+def test_remat_step_with_frozen_bn_equals_plain_step(frozen_bn_step,
+                                                     remat_impl):
   # bn_mode='frozen' is the paper preset's, where 'gated' is the remat used
   # (with train_bn it falls back to nn.remat, covered above).
-  state, step, batch = _tiny_step('float32', bn_mode='frozen')
-  a, ma = step(state, batch, jax.random.key(0))
+  state, batch, a, ma = frozen_bn_step
   _, step_remat, _ = _tiny_step('float32', remat=True, bn_mode='frozen',
                                 remat_impl=remat_impl)
   b, mb = step_remat(state, batch, jax.random.key(0))
