@@ -199,6 +199,20 @@ def test_patches_matmul_keeps_only_its_input_for_backward():
   assert [r.shape for r in residuals] == [x.shape, w.shape]
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_weight_gradient_matches_numpy(dtype):
+  # bfloat16 on CPU takes the layout-pinned transpose path, under jit too.
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(257, 33)).astype(np.float32)
+  g = rng.normal(size=(257, 20)).astype(np.float32)
+  xd, gd = jnp.asarray(x, dtype), jnp.asarray(g, dtype)
+  want = (np.asarray(xd, np.float64).T @ np.asarray(gd, np.float64))
+  for fn in (conv_lib.weight_gradient, jax.jit(conv_lib.weight_gradient)):
+    got = fn(xd, gd)
+    assert got.dtype == jnp.float32 and got.shape == (33, 20)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
 def test_matmul_gradient_matches_autodiff_of_dot():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32)

@@ -80,9 +80,6 @@ def _matmul_bwd(res, g):
   dx = lax.dot_general(g2, w, (((1,), (1,)), ((), ())),
                        preferred_element_type=jnp.float32)
   dw = weight_gradient(x2, g2)
-  # dx is released with dw, so the weight-gradient product cannot be
-  # deferred to the end of the backward pass with `g` (for the taps conv
-  # 9x an output) and `x` held until then.
   return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 
 
