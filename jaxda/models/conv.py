@@ -295,7 +295,7 @@ def space_to_depth_conv(x: jax.Array, kernel: jax.Array,
 def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
                 padding: Sequence[tuple[int, int]], c_in: int, c_out: int,
                 dtype: Any) -> str:
-  """The way a conv runs: 'matmul', 'taps', 'patches' or 'lax'.
+  """The way a conv runs: 'matmul', 'taps', 'space_to_depth', 'patches', 'lax'.
 
   'auto' (measured on a 2-core AVX-512/AMX CPU, benchmarks/NOTES.md):
 
@@ -336,8 +336,10 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
     return 'lax'
   if pointwise and impl in ('auto', 'dot'):
     return 'matmul'
-  if impl in ('taps', 'dot'):
-    return 'patches' if impl == 'dot' else 'taps'
+  if impl == 'dot':
+    return 'patches'
+  if impl == 'taps':
+    return 'taps'
   low_precision = jnp.dtype(dtype) != jnp.float32
   if low_precision:
     if unit_stride:

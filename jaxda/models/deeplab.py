@@ -47,7 +47,7 @@ class ASPP(nn.Module):
       in the parameter tree (for checkpoint compatibility) but do not touch
       the output, so they get zero gradients.
     dtype: compute dtype (None: float32); parameters stay float32.
-    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
+    conv_impl: `conv.Conv` implementation, one of `conv.IMPLS`.
   """
   num_classes: int
   dilations: Sequence[int] = (6, 12, 18, 24)
@@ -101,7 +101,7 @@ class DeepLabV2(nn.Module):
       logits are returned in float32, so losses never see bfloat16.
     remat: rematerialise every backbone bottleneck in the backward pass.
     remat_impl: 'gated' or 'jax' (see `resnet.ResNetLayer`).
-    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
+    conv_impl: `conv.Conv` implementation, one of `conv.IMPLS`.
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 4, 23, 3)

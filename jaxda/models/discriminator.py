@@ -28,7 +28,7 @@ class FCDiscriminator(nn.Module):
     negative_slope: LeakyReLU slope after the first four convs.
     dtype: compute dtype (None: float32); parameters stay float32 and the
       logits are returned in float32 (for the losses).
-    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
+    conv_impl: `conv.Conv` implementation, one of `conv.IMPLS`.
   """
   ndf: int = 64
   negative_slope: float = 0.2

@@ -107,7 +107,7 @@ class Bottleneck(nn.Module):
     dilation: dilation (= padding) of the 3×3 conv.
     downsample: whether the shortcut has a 1×1 conv + BN projection.
     dtype: compute dtype (None: float32); parameters stay float32.
-    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
+    conv_impl: `conv.Conv` implementation, one of `conv.IMPLS`.
   """
   width: int
   stride: int = 1
@@ -163,7 +163,7 @@ class ResNetLayer(nn.Module):
       block's output cotangent, so one block is alive at a time; frozen BN
       only, `nn.remat` with train_bn) or 'jax' (`nn.remat`, which XLA may
       schedule all at once).
-    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
+    conv_impl: `conv.Conv` implementation, one of `conv.IMPLS`.
   """
   num_blocks: int
   width: int
@@ -218,7 +218,7 @@ class ResNet(nn.Module):
     dtype: compute dtype (None: float32); parameters stay float32.
     remat: rematerialise every bottleneck block in the backward pass.
     remat_impl: 'gated' or 'jax' (see `ResNetLayer`).
-    conv_impl: `conv.Conv` implementation ('auto', 'lax', 'dot').
+    conv_impl: `conv.Conv` implementation, one of `conv.IMPLS`.
   """
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   base_width: int = 64
