@@ -289,16 +289,8 @@ def _make_run(config, workdir, mesh, method, data, class_names, *, models,
 
 
 def frozen_regexes(config) -> list[str]:
-  """Parameter-path regexes never updated: config extras, BatchNorm affine
-  parameters, and the ASPP branches AdaptSegNet's early return leaves dead
-  (PyTorch's SGD skips parameters without gradients, so they keep their init
-  values and get no weight decay)."""
-  frozen = list(config.optim.frozen_regexes)
-  frozen.append(models_lib.batchnorm_param_regex)
-  if config.model.aspp_branches_used < 4:
-    dead = "|".join(str(i) for i in range(config.model.aspp_branches_used, 4))
-    frozen.append(rf"aspp_(main|aux)/branch_({dead})/")
-  return frozen
+  """Parameter-path regexes never updated (``base.frozen_regexes``)."""
+  return base.frozen_regexes(config)
 
 
 def disc_levels(run: Run) -> tuple[str, ...]:

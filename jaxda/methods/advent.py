@@ -48,7 +48,7 @@ def make_minent_step(models: base.Models, config, tx, disc_tx=None):
       metrics["seg_loss"] = seg
       return seg + ent_total, (stats, metrics)
 
-    return base.minimize(state, tx, loss_fn)
+    return base.minimize(state, tx, loss_fn, base.frozen_regexes(config))
 
   return step
 

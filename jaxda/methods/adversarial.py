@@ -101,7 +101,8 @@ def make_adversarial_step(disc_input: str):
       new_state = base.update_segmenter(state, tx, grads, stats)
       new_state = base.update_discriminators(new_state, disc_tx, d_grads)
       metrics = dict(metrics, **d_metrics, loss=loss,
-                     grad_norm=base.global_norm(grads))
+                     grad_norm=base.trainable_norm(
+                         grads, base.frozen_regexes(config)))
       return new_state, metrics
 
     return step

@@ -126,6 +126,8 @@ def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
     raise ValueError("anchor.lambda_adv > 0 needs a discriminator")
   target_labelled = weights["target_anchor"] > 0
   disc = models.discriminator
+  # What this phase's optimiser leaves alone (for the grad_norm metric).
+  frozen = base.frozen_regexes(config) + list(frozen_regexes)
 
   def outputs_of(params, stats, src, tgt):
     """Upsampled outputs per domain and the new BatchNorm statistics."""
@@ -195,7 +197,8 @@ def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
       new_state = base.update_discriminators(new_state, disc_tx, d_grads)
       metrics["disc"] = l_d
     return new_state, dict(metrics, loss=loss,
-                           grad_norm=base.global_norm(grads))
+                           grad_norm=base.trainable_norm(
+                               grads, frozen))
 
   return step
 

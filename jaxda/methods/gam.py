@@ -160,7 +160,8 @@ def make_step(models: base.Models, config, tx, disc_tx):
           disc_loss, has_aux=True)(state.disc_params)
       new_state = base.update_discriminators(new_state, disc_tx, d_grads)
       metrics.update(d_metrics)
-    metrics.update(loss=loss, grad_norm=base.global_norm(grads))
+    metrics.update(loss=loss, grad_norm=base.trainable_norm(
+        grads, base.frozen_regexes(config)))
     return new_state, metrics
 
   return step

@@ -109,7 +109,7 @@ def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
       metrics["pl_density"] = jnp.mean(labelled.astype(jnp.float32))
       return total, (stats, metrics)
 
-    return base.minimize(state, tx, loss_fn)
+    return base.minimize(state, tx, loss_fn, base.frozen_regexes(config))
 
   return step
 
@@ -156,7 +156,8 @@ def make_phase2_step(models: base.Models, config, tx, disc_tx):
     new_state = base.update_discriminators(new_state, disc_tx, d_grads)
     metrics = dict(metrics, **d_metrics, loss=loss,
                    easy_fraction=jnp.mean(easy.astype(jnp.float32)),
-                   grad_norm=base.global_norm(grads))
+                   grad_norm=base.trainable_norm(
+                       grads, base.frozen_regexes(config)))
     return new_state, metrics
 
   return step

@@ -16,6 +16,7 @@ def make_supervised_step(domain: str):
 
   def make_step(models: base.Models, config, tx, disc_tx=None):
     del disc_tx
+    frozen = base.frozen_regexes(config)
     kwargs = dict(bn_mode=config.model.bn_mode,
                   align_corners=config.model.upsample_align_corners,
                   lambda_aux=config.loss.lambda_seg_aux)
@@ -28,7 +29,7 @@ def make_supervised_step(domain: str):
             models, params, state.batch_stats, batch[domain], **kwargs)
         return loss, (stats, metrics)
 
-      return base.minimize(state, tx, loss_fn)
+      return base.minimize(state, tx, loss_fn, frozen)
 
     return step
 
