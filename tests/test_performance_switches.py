@@ -8,6 +8,8 @@
   state and losses stay float32;
 * `remat=True` gives the same step as `remat=False` (both remat
   implementations), and the cotangent-gated one shrinks XLA's temporaries;
+* the `grad_norm` metric covers the trained parameters only, so XLA drops
+  the frozen BatchNorm gradients;
 * `train_loop.run_steps` reads no array back to the host except at logging
   and checkpoint steps (reads counted; `transfer_guard` is a no-op on CPU).
 """
@@ -390,6 +392,51 @@ def test_gated_remat_shrinks_the_backward_pass_memory():
   plain = _grad_temp_bytes(False, 'gated')
   gated = _grad_temp_bytes(True, 'gated')
   assert gated < 0.6 * plain, (gated, plain)
+
+
+def test_trainable_norm_leaves_frozen_leaves_out():
+  rng = np.random.default_rng(7)
+  grads = {'conv1': {'kernel': rng.normal(size=(3, 3, 2, 4))},
+           'bn1': {'scale': rng.normal(size=(4,)) * 10,
+                   'bias': rng.normal(size=(4,)) * 10},
+           'layer1': {'block_0': {'bn2': {'scale': rng.normal(size=(4,))},
+                                  'conv2': {'kernel': rng.normal(size=(4,))}}}}
+  grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads)
+  from jaxda import models as models_lib  # pylint: disable=g-import-not-at-top
+  got = base.trainable_norm(grads, [models_lib.batchnorm_param_regex])
+  kept = np.concatenate([np.ravel(grads['conv1']['kernel']),
+                         np.ravel(grads['layer1']['block_0']['conv2'][
+                             'kernel'])])
+  np.testing.assert_allclose(got, np.linalg.norm(kept), rtol=1e-6)
+  assert got.dtype == jnp.float32
+  every = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+  np.testing.assert_allclose(base.trainable_norm(grads, ()),
+                             np.linalg.norm(every), rtol=1e-6)
+
+
+def test_grad_norm_of_trainable_leaves_lets_xla_skip_frozen_bn_grads():
+  # Reading a frozen BatchNorm's gradient makes XLA compute it, and its scale
+  # gradient keeps every normalised conv output for the backward pass; the
+  # metric over the trained leaves only lets XLA drop that work.
+  from jaxda import models as models_lib  # pylint: disable=g-import-not-at-top
+  from jaxda.models import deeplab  # pylint: disable=g-import-not-at-top
+  model = deeplab.DeepLabV2(5, stage_sizes=(1, 1, 2, 1), base_width=8)
+  x = jnp.zeros((1, 96, 160, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+  def temp_bytes(norm):
+    def grad_norm(params, batch_stats, x):
+      loss = lambda p: sum(jnp.sum(v ** 2) for v in model.apply(
+          {'params': p, 'batch_stats': batch_stats}, x).values())
+      return norm(jax.grad(loss)(params))
+    compiled = jax.jit(grad_norm).lower(
+        variables['params'], variables['batch_stats'], x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  every = temp_bytes(base.global_norm)
+  trained = temp_bytes(lambda g: base.trainable_norm(
+      g, [models_lib.batchnorm_param_regex]))
+  assert trained < 0.85 * every, (trained, every)  # measured ~0.76
 
 
 def test_remat_is_applied_to_backbone_blocks():
