@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxda.models import conv as conv_lib
+from jaxda.models import fusion
 from jaxda.models import remat as remat_lib
 
 # The originals initialise every conv weight from N(0, 0.01).
@@ -133,6 +134,7 @@ class Bottleneck(nn.Module):
     bn = lambda name: _batch_norm(train_bn, name, self.dtype)
     d = self.dilation
     s = self.stride
+    block_input = x
     y = conv(self.width, (1, 1), strides=(s, s), padding='VALID',
              name='conv1')(x)
     y = nn.relu(bn('bn1')(y))
@@ -145,7 +147,13 @@ class Bottleneck(nn.Module):
       x = conv(self.width * EXPANSION, (1, 1), strides=(s, s),
                padding='VALID', name='downsample_conv')(x)
       x = bn('downsample_bn')(x)
-    return nn.relu(y + x)
+    out = nn.relu(y + x)
+    if jnp.dtype(self.dtype or jnp.float32) == jnp.float32:
+      # Cut the elementwise shortcut chain that XLA:CPU would otherwise
+      # recompute inside every later block (`fusion.py`). bf16 outputs are
+      # materialised by their cast already (measured: no gain there).
+      out = fusion.fusion_boundary(out, block_input.ravel()[0])
+    return out
 
 
 class ResNetLayer(nn.Module):
