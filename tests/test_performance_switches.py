@@ -8,6 +8,8 @@
   state and losses stay float32;
 * `remat=True` gives the same step as `remat=False` (both remat
   implementations), and the cotangent-gated one shrinks XLA's temporaries;
+* `fusion.fusion_boundary` keeps values and gradients and stops XLA:CPU
+  from fusing a residual chain into every later step;
 * the `grad_norm` metric covers the trained parameters only, so XLA drops
   the frozen BatchNorm gradients;
 * `train_loop.run_steps` reads no array back to the host except at logging
@@ -437,6 +439,50 @@ def test_grad_norm_of_trainable_leaves_lets_xla_skip_frozen_bn_grads():
   trained = temp_bytes(lambda g: base.trainable_norm(
       g, [models_lib.batchnorm_param_regex]))
   assert trained < 0.85 * every, (trained, every)  # measured ~0.76
+
+
+def _max_fusion_operands(fn, *args) -> int:
+  import re  # pylint: disable=g-import-not-at-top
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  return max(m.group(1).count('%') for m in re.finditer(
+      r'= \S+ fusion\((.*?)\), kind=', text))
+
+
+def _shortcut_chain(boundary):
+  """12 residual steps relu(1.5 x W + 0.25 + out), as a frozen-BN ResNet."""
+  from jaxda.models import fusion  # pylint: disable=g-import-not-at-top
+
+  def f(x, ws):
+    out = x
+    for w in ws:
+      new = jax.nn.relu(jnp.dot(out, w) * 1.5 + 0.25 + out)
+      out = fusion.fusion_boundary(new, out.ravel()[0]) if boundary else new
+    return out
+  return f
+
+
+def test_fusion_boundary_keeps_values_and_cuts_the_shortcut_chain():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=(32, 32)) * 0.1, jnp.float32)
+        for _ in range(12)]
+  loss = lambda b: lambda x, ws: jnp.sum(_shortcut_chain(b)(x, ws) ** 2)
+  chex.assert_trees_all_close(_shortcut_chain(True)(x, ws),
+                              _shortcut_chain(False)(x, ws), rtol=1e-6)
+  chex.assert_trees_all_close(jax.grad(loss(True), (0, 1))(x, ws),
+                              jax.grad(loss(False), (0, 1))(x, ws),
+                              rtol=1e-5, atol=1e-6)
+  # NumPy reference for the forward values.
+  ref = np.asarray(x, np.float64)
+  for w in ws:
+    ref = np.maximum(ref @ np.asarray(w, np.float64) * 1.5 + 0.25 + ref, 0)
+  np.testing.assert_allclose(_shortcut_chain(True)(x, ws), ref, rtol=1e-4,
+                             atol=1e-4)
+  # Without the boundary XLA:CPU fuses every earlier step into each step's
+  # fusion (13 operands here); with it every fusion reads a few buffers.
+  for fn in (_shortcut_chain, lambda b: jax.grad(loss(b), (0, 1))):
+    assert _max_fusion_operands(fn(False), x, ws) >= 10
+    assert _max_fusion_operands(fn(True), x, ws) <= 4
 
 
 def test_remat_is_applied_to_backbone_blocks():
