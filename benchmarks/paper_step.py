@@ -290,10 +290,35 @@ def write_report(out_dir: str, filename: str, report: dict,
   return path
 
 
+def _cpu_model() -> tuple[str, list[str]]:
+  """CPU model name and its matrix/vector flags from /proc/cpuinfo (Linux).
+
+  `platform.processor()` is empty on many Linux machines, and the shared
+  CI/bench machines differ (an AMX Xeon and an AVX-512-BF16 EPYC have very
+  different bf16 speeds), so the report names the CPU.
+  """
+  name, flags = "", []
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+          name = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = sorted(v for v in value.split()
+                         if v.startswith(("amx", "avx512_bf16", "avx512f")))
+  except OSError:
+    pass
+  return name, flags
+
+
 def machine_info() -> dict:
+  cpu_model, cpu_flags = _cpu_model()
   return {
       "platform": platform.platform(),
-      "processor": platform.processor(),
+      "processor": platform.processor() or cpu_model,
+      "cpu_model": cpu_model,
+      "cpu_flags": cpu_flags,
       "python": platform.python_version(),
       "cpu_count": os.cpu_count(),
       "cpus_usable": (len(os.sched_getaffinity(0))
