@@ -121,18 +121,30 @@ def test_two_processes_train_like_one(two_process_run):
   p0, p1, ref = (two_process_run[k] for k in ("p0", "p1", "ref"))
   params = _params(p0)
   assert params and params.keys() == _params(ref).keys()
-  for k, v in params.items():
-    # Replicas agree bit for bit; the one-process run up to summation order
-    # (relative to the leaf's scale: BatchNorm divides by batch statistics).
-    np.testing.assert_array_equal(v, p1[k], err_msg=k)
-    scale = max(float(np.max(np.abs(ref[k]))), 1e-6)
-    assert float(np.max(np.abs(v - ref[k]))) <= 1e-4 * scale, k
-  # Training moved the parameters far more than the runs differ (the
-  # comparison is not vacuous).
   init = lambda k: p0["['init']" + k[len("['params']"):]]
-  moved = sum(float(np.max(np.abs(v - init(k)))) for k, v in params.items())
-  differ = sum(float(np.max(np.abs(v - ref[k]))) for k, v in params.items())
-  assert moved > max(100 * differ, 1e-3), (moved, differ)
+  diff_sq = update_sq = 0.0
+  for k, v in params.items():
+    # Replicas agree bit for bit.
+    np.testing.assert_array_equal(v, p1[k], err_msg=k)
+    # The one-process run agrees up to summation order, compared on what
+    # training changed. Why not ulps: the cross-device sums (BN batch means,
+    # gradients) run in another order in-process than through Gloo, and a
+    # ReLU whose input lies within that rounding of 0 (measured: one of 2,880
+    # layer2 bn2 outputs at 9e-7) flips its gate, which moves that layer's
+    # and every earlier layer's gradient by ~3% of the step (a 1-ulp random
+    # perturbation of the weights in a single process does the same). A real
+    # fault (a process's gradient or statistics missing, sum instead of mean,
+    # wrong shards) changes the step by tens of percent.
+    update, ref_update = v - init(k), ref[k] - init(k)
+    leaf_diff = float(np.linalg.norm(update - ref_update))
+    leaf_norm = float(np.linalg.norm(ref_update))
+    assert leaf_diff <= 0.05 * leaf_norm + 1e-9, (k, leaf_diff, leaf_norm)
+    diff_sq += leaf_diff ** 2
+    update_sq += leaf_norm ** 2
+  # Measured on a Zen 4 CPU: 7e-4 overall, 4e-3 in the worst leaf.
+  assert diff_sq ** 0.5 <= 1e-2 * update_sq ** 0.5, (diff_sq, update_sq)
+  # Training moved the parameters (the comparison is not vacuous).
+  assert update_sq ** 0.5 > 1e-2, update_sq
   # Evaluation saw each of the 6 target val images once, across processes.
   assert int(p0["num_val_images"]) == int(ref["num_val_images"]) == 6
   np.testing.assert_allclose(p0["miou"], ref["miou"], atol=1e-6)
