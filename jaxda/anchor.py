@@ -281,7 +281,7 @@ def create_state(arun: AnchorRun) -> state_lib.TrainState:
         params=variables["params"], batch_stats=variables["batch_stats"],
         tx=run.tx, disc_params=disc_params, disc_tx=run.disc_tx)
 
-  return jax.jit(init, out_shardings=parallel.replicated(run.mesh))()
+  return parallel.init_replicated(init, run.mesh)
 
 
 # Optimiser-state fields that are per-parameter moments (Adam's mu/nu, SGD

@@ -111,7 +111,7 @@ def create_state(run: train_loop.Run) -> state_lib.FrozenSourceTrainState:
             source={"params": variables["params"],
                     "batch_stats": model_stats})
 
-  return jax.jit(init, out_shardings=parallel.replicated(run.mesh))()
+  return parallel.init_replicated(init, run.mesh)
 
 
 def load_source_model(run: train_loop.Run, state, path: str):

@@ -328,7 +328,7 @@ def create_state(run: Run) -> state_lib.TrainState:
         batch_stats=variables.get("batch_stats", {}), tx=run.tx,
         disc_params=disc_params, disc_tx=run.disc_tx)
 
-  return jax.jit(init, out_shardings=parallel.replicated(run.mesh))()
+  return parallel.init_replicated(init, run.mesh)
 
 
 def init_or_restore(run: Run) -> tuple[state_lib.TrainState, int]:
