@@ -560,3 +560,29 @@ def test_run_steps_syncs_only_at_logging_steps(tmp_path, monkeypatch):
   train_loop.run_steps(run, state, tagged(syncing_step, 9), batches, 9, 12)
   assert {10, 11} <= set(reads), sorted(set(reads))
   train_loop.close(run)
+
+
+def test_init_replicated_matches_optimised_init_and_is_replicated():
+  """Level-0 init: the same parameters (to an ulp), on every device."""
+  from jaxda import models as models_lib  # pylint: disable=g-import-not-at-top
+  from jaxda import parallel  # pylint: disable=g-import-not-at-top
+  seg = models_lib.create_segmenter("deeplabv2_tiny", 5, multi_level=False)
+  init = lambda: seg.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  mesh = parallel.make_mesh()
+  got = parallel.init_replicated(init, mesh)
+  want = jax.jit(init)()
+  leaves = jax.tree_util.tree_leaves_with_path(got)
+  assert len(leaves) == len(jax.tree.leaves(want)) > 10
+  for (path, g), w in zip(leaves, jax.tree.leaves(want)):
+    assert g.sharding.is_fully_replicated and len(g.devices()) == len(
+        mesh.devices.ravel()), path
+    w = np.asarray(w)
+    # 1-ulp differences (no FMA at level 0), never different draws.
+    np.testing.assert_allclose(np.asarray(g), w, rtol=0,
+                               atol=4 * np.spacing(np.max(np.abs(w)) + 1e-30),
+                               err_msg=jax.tree_util.keystr(path))
+  # Different seeds really draw differently (the check above can fail).
+  other = parallel.init_replicated(
+      lambda: seg.init(jax.random.key(4), jnp.zeros((1, 32, 32, 3))), mesh)
+  assert not np.allclose(np.asarray(jax.tree.leaves(other)[-1]),
+                         np.asarray(jax.tree.leaves(want)[-1]))
