@@ -60,11 +60,10 @@ def init_replicated(init_fn: Callable[[], Any],
 
   On CPU the program is compiled at XLA backend optimisation level 0: it
   runs once, and its dozens of unrolled threefry draws are slow to optimise
-  (tiny DeepLab init: 9.2 s at the default level, 3.0 s at 0; the R101 one
-  likewise). Running it eagerly is slower still (24 s: one compile per op
-  shape). The values can differ from an optimised build's in the last bit
-  (no fused multiply-add in ``uniform``'s scaling); they are the same from
-  run to run.
+  (tiny DeepLab init: 9.2 s at the default level, 3.0 s at 0). Running it
+  eagerly is slower still (24 s: one compile per op shape). The values can
+  differ from an optimised build's in the last bit (no fused multiply-add in
+  ``uniform``'s scaling); they are the same from run to run.
   """
   lowered = jax.jit(init_fn, out_shardings=replicated(mesh)).lower()
   options = ({"xla_backend_optimization_level": 0}

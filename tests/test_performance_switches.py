@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import adaptsegnet as adaptsegnet_config
+from jaxda import models
+from jaxda import parallel
 from jaxda import train_loop
 from jaxda.methods import base
 from jaxda.models import conv as conv_lib
@@ -564,9 +566,7 @@ def test_run_steps_syncs_only_at_logging_steps(tmp_path, monkeypatch):
 
 def test_init_replicated_matches_optimised_init_and_is_replicated():
   """Level-0 init: the same parameters (to an ulp), on every device."""
-  from jaxda import models as models_lib  # pylint: disable=g-import-not-at-top
-  from jaxda import parallel  # pylint: disable=g-import-not-at-top
-  seg = models_lib.create_segmenter("deeplabv2_tiny", 5, multi_level=False)
+  seg = models.create_segmenter("deeplabv2_tiny", 5, multi_level=False)
   init = lambda: seg.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
   mesh = parallel.make_mesh()
   got = parallel.init_replicated(init, mesh)
