@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxda import host_memory
 from jaxda import train_loop
 from jaxda import models as models_lib
 from jaxda import optim
@@ -333,6 +334,7 @@ def machine_info() -> dict:
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "host_memory": host_memory.status(),
   }
 
 

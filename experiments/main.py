@@ -46,6 +46,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run(default_config: str, train_fn_name: str = "train_and_evaluate",
         module: str = "jaxda.train_loop") -> None:
   """Defines the flags and runs ``module.train_fn_name(config, workdir)``."""
+  # Before JAX runs anything (its worker threads keep the allocator arena
+  # they start with): XLA:CPU's per-step buffers are then reused instead of
+  # page-faulted in again every step (jaxda.host_memory).
+  from jaxda import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_freed_memory()
   define_config_flag(default_config)
 
   def _main(argv):

@@ -35,6 +35,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # read each other's half-written entry.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
+# Same allocator policy as the entry points (before JAX starts its threads).
+from jaxda import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+host_memory.keep_freed_memory()
+
 
 def pytest_unconfigure(config):
   del config
