@@ -11,7 +11,7 @@ import pytest
 from jaxda import host_memory
 
 _PROBE = r"""
-import json, resource, sys
+import json, resource
 from jaxda import host_memory
 status = host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
