@@ -146,6 +146,43 @@ def test_output_taps_conv_value_and_gradient(dilation, padding, dtype):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 30)
 
 
+@pytest.mark.parametrize('kernel_size,padding,dilation', [
+    ((3, 3), ((1, 1), (1, 1)), (1, 1)),
+    ((3, 3), ((2, 6), (4, 0)), (2, 3)),   # asymmetric, one-sided
+    ((2, 2), ((3, 0), (0, 4)), (1, 1)),   # padding past the taps' reach
+    ((1, 3), ((0, 0), (0, 0)), (1, 2)),   # 'valid': the output shrinks
+])
+def test_shifted_tap_sum_value_and_transpose(kernel_size, padding, dilation):
+  # The hand-written backward (a concatenation of shifted cotangent slices)
+  # against the definition, y[i, j] = sum_t Z_t[i + a dh - top, j + c dw -
+  # left], and its transpose written as loops in NumPy.
+  (kh, kw), ((top, bottom), (left, right)), (dh, dw) = (
+      kernel_size, padding, dilation)
+  rng = np.random.default_rng(11)
+  b, h, w, cout = 2, 7, 9, 3
+  z = rng.normal(size=(b, h, w, kh * kw * cout)).astype(np.float32)
+  oh = h + top + bottom - dh * (kh - 1)
+  ow = w + left + right - dw * (kw - 1)
+  want = np.zeros((b, oh, ow, cout), np.float32)
+  g = rng.normal(size=want.shape).astype(np.float32)
+  want_dz = np.zeros_like(z)
+  for a in range(kh):
+    for c in range(kw):
+      t = slice((a * kw + c) * cout, (a * kw + c + 1) * cout)
+      for i in range(oh):
+        for j in range(ow):
+          p, q = i + a * dh - top, j + c * dw - left
+          if 0 <= p < h and 0 <= q < w:
+            want[:, i, j] += z[:, p, q, t]
+            want_dz[:, p, q, t] += g[:, i, j]
+  y, vjp = jax.vjp(lambda v: conv_lib.shifted_tap_sum(
+      v, kernel_size, padding, dilation), jnp.asarray(z))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  (dz,) = vjp(jnp.asarray(g))
+  assert dz.shape == z.shape
+  np.testing.assert_allclose(dz, want_dz, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('kernel,stride,padding,size', [
     ((4, 4), (2, 2), ((1, 1), (1, 1)), (11, 13)),  # odd sizes: crop / pad
     ((4, 4), (2, 2), ((1, 1), (1, 1)), (16, 8)),

@@ -15,6 +15,9 @@ measured on a 2-core AVX-512/AMX CPU, jax 0.10.2):
   slices of the result (`output_taps_conv`) makes it one large dot: in
   bfloat16 2-20× faster than XLA's conv (which XLA:CPU converts to float32,
   no AMX) or im2col, in float32 5× faster for DeepLab's ASPP (2048 -> 19).
+  The shifted sum (`shifted_tap_sum`) has a hand-written transpose: each
+  cotangent pixel lands in one channel block of dZ, a concatenation, where
+  autodiff's sum of kh·kw padded copies cost the bfloat16 step 1.4 s.
 * Elsewhere in float32 the im2col matmul (`patches_matmul`, which keeps
   only its input for the backward pass) beats XLA's conv 1.5-2× for
   stride 1; strided float32 convs keep XLA's.
@@ -236,11 +239,39 @@ def output_taps_conv(x: jax.Array, kernel: jax.Array,
     (B, h, w, C_out) float32, h = H + top + bottom - dh (kh - 1) (likewise w).
   """
   kh, kw, cin, cout = kernel.shape
-  (top, bottom), (left, right) = padding
-  dh, dw = dilation
   # (C_in, kh * kw * C_out), column block a * kw + c holds tap (a, c).
   w_all = kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
   z = matmul_f32(x, w_all)
+  return shifted_tap_sum(z, (kh, kw), tuple(map(tuple, padding)),
+                         tuple(dilation))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def shifted_tap_sum(z: jax.Array, kernel_size: tuple, padding: tuple,
+                    dilation: tuple) -> jax.Array:
+  """y[i, j] = sum over taps (a, c) of Z_(a, c)[i + a dh - top, j + c dw - left].
+
+  The second half of `output_taps_conv` (zero outside the image). Its
+  transpose puts each cotangent pixel, shifted, into exactly one channel
+  block of dZ: a concatenation of shifted slices. Autodiff's transpose of
+  the sum is instead a sum of kh kw zero-padded copies of the cotangent,
+  which XLA:CPU evaluates for every element of dZ, with the cotangent's
+  producer (ReLU mask, BatchNorm scale, ...) inlined kh kw times: the
+  bfloat16 step spent 2.1 s of thunk time there (benchmarks/NOTES.md).
+
+  Args:
+    z: (B, H, W, kh * kw * C_out) per-tap products; channel block a * kw + c
+      holds tap (a, c).
+    kernel_size: (kh, kw).
+    padding: ((top, bottom), (left, right)).
+    dilation: (dh, dw).
+
+  Returns:
+    (B, h, w, C_out), h = H + top + bottom - dh (kh - 1) (likewise w).
+  """
+  (kh, kw), ((top, bottom), (left, right)), (dh, dw) = (
+      kernel_size, padding, dilation)
+  cout = z.shape[-1] // (kh * kw)
   z = jnp.pad(z, ((0, 0), (top, bottom), (left, right), (0, 0)))
   b, hp, wp, _ = z.shape
   oh, ow = hp - dh * (kh - 1), wp - dw * (kw - 1)
@@ -248,6 +279,36 @@ def output_taps_conv(x: jax.Array, kernel: jax.Array,
                     (b, a * dh + oh, c * dw + ow, (a * kw + c + 1) * cout))
           for a in range(kh) for c in range(kw)]
   return sum(taps[1:], taps[0])
+
+
+def _shifted_tap_sum_fwd(z, kernel_size, padding, dilation):
+  # Linear: the backward pass needs only z's shape, which g's shape and the
+  # geometry determine.
+  return shifted_tap_sum(z, kernel_size, padding, dilation), None
+
+
+def _shifted_tap_sum_bwd(kernel_size, padding, dilation, _, g):
+  (kh, kw), ((top, bottom), (left, right)), (dh, dw) = (
+      kernel_size, padding, dilation)
+  b, oh, ow, _ = g.shape
+  h = oh + dh * (kh - 1) - top - bottom
+  w = ow + dw * (kw - 1) - left - right
+  # dZ_(a, c)[p, q] = g[p + top - a dh, q + left - c dw] (zero outside g).
+  # Pad g so that every tap's window is an in-bounds slice; negative pads
+  # crop rows no tap reads.
+  pt, pl = dh * (kh - 1) - top, dw * (kw - 1) - left
+  pb, pr = h + top - oh, w + left - ow
+  gp = lax.pad(g, jnp.zeros((), g.dtype),
+               ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  # In gp, g[r] sits at r + pt, so tap (a, c) starts at row top - a dh + pt.
+  blocks = [lax.slice(gp, (0, top - a * dh + pt, left - c * dw + pl, 0),
+                      (b, top - a * dh + pt + h, left - c * dw + pl + w,
+                       g.shape[-1]))
+            for a in range(kh) for c in range(kw)]
+  return (jnp.concatenate(blocks, axis=-1),)
+
+
+shifted_tap_sum.defvjp(_shifted_tap_sum_fwd, _shifted_tap_sum_bwd)
 
 
 def space_to_depth_conv(x: jax.Array, kernel: jax.Array,
