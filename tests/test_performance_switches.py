@@ -49,7 +49,7 @@ def _numpy_conv(x, w, stride, padding, dilation):
 
 
 # 'auto' picks one of these per conv (`choose_impl`, tested below).
-@pytest.mark.parametrize('impl', ['lax', 'dot', 'taps'])
+@pytest.mark.parametrize('impl', ['lax', 'dot', 'taps', 'winograd'])
 @pytest.mark.parametrize('kernel,stride,padding,dilation', [
     ((1, 1), (1, 1), 'VALID', (1, 1)),
     ((1, 1), (2, 2), 'VALID', (1, 1)),
@@ -214,7 +214,11 @@ def test_choose_impl_rule():
   same = ((1, 1), (1, 1))
   # ASPP (2048 -> 19, Z smaller than the input) and bottleneck 3x3s.
   assert choose('auto', (3, 3), (1, 1), same, 2048, 19, f32) == 'taps'
-  assert choose('auto', (3, 3), (1, 1), same, 256, 256, f32) == 'patches'
+  assert choose('auto', (3, 3), (1, 1), same, 256, 256, f32) == 'winograd'
+  assert choose('auto', (5, 5), (1, 1), same, 256, 256, f32) == 'patches'
+  assert choose('winograd', (3, 3), (1, 1), same, 8, 8, bf16) == 'winograd'
+  assert choose('winograd', (4, 4), (2, 2), same, 19, 64, bf16) == (
+      'space_to_depth')
   assert choose('auto', (3, 3), (1, 1), same, 256, 256, bf16) == 'taps'
   assert choose('auto', (1, 1), (2, 2), ((0, 0), (0, 0)), 64, 8,
                 f32) == 'matmul'
@@ -229,7 +233,7 @@ def test_choose_impl_rule():
   with pytest.raises(ValueError, match='stride 1'):
     choose('taps', (4, 4), (2, 2), same, 19, 64, f32)
   with pytest.raises(ValueError, match='not in'):
-    choose('winograd', (3, 3), (1, 1), same, 8, 8, f32)
+    choose('fft', (3, 3), (1, 1), same, 8, 8, f32)
 
 
 def test_patches_matmul_keeps_only_its_input_for_backward():

@@ -37,104 +37,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 from jax import lax
-from jax.experimental import layout
 import jax.numpy as jnp
 
 from jaxda.models import remat
+from jaxda.models import winograd
+from jaxda.models.matmul import matmul
+from jaxda.models.matmul import matmul_f32
+from jaxda.models.matmul import weight_gradient  # pylint: disable=unused-import
 
-IMPLS = ('auto', 'lax', 'dot', 'taps')
+IMPLS = ('auto', 'lax', 'dot', 'taps', 'winograd')
 
 # Float32 convs narrower than this keep XLA's conv under 'auto': the CPU
 # test networks (8-32 channels) gain little from the matmul forms and their
 # compile time doubled with them.
 MIN_MATMUL_CHANNELS = 64
-
-
-@jax.custom_vjp
-def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-  """(..., K) @ (K, N) -> (..., N) in float32 (float32 accumulation).
-
-  Its gradients are computed in the inputs' dtype with float32
-  accumulation: with bfloat16 inputs all three products run on the same
-  bfloat16 (AMX) path.
-
-  Args:
-    x: (..., K) activations (float32 or bfloat16).
-    w: (K, N) weights, same dtype as x.
-
-  Returns:
-    (..., N) float32.
-  """
-  return jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-
-def _matmul_fwd(x, w):
-  return matmul_f32(x, w), (x, w)
-
-
-def _matmul_bwd(res, g):
-  x, w = res
-  # The cotangent in the compute dtype keeps both backward products on the
-  # same (bfloat16: AMX) path as the forward one.
-  g = g.astype(x.dtype)
-  k, n = w.shape
-  x2 = x.reshape(-1, k)
-  g2 = g.reshape(-1, n)
-  dx = lax.dot_general(g2, w, (((1,), (1,)), ((), ())),
-                       preferred_element_type=jnp.float32)
-  dw = weight_gradient(x2, g2)
-  return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
-
-
-matmul_f32.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def _contract_rows(x: jax.Array, g: jax.Array) -> jax.Array:
-  return lax.dot_general(x, g, (((0,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
-
-
-def _contract_rows_transposed(x: jax.Array, g: jax.Array) -> jax.Array:
-  # XLA:CPU hands a dot to its AMX-capable library (YNNPACK) only when the
-  # left operand contracts over its minor axis; `x^T g` contracts over
-  # x's major one and falls back to a float32 Eigen product (bfloat16:
-  # 7.5 ms where the layer's forward product takes 1.3). A row-major x^T,
-  # pinned by a layout constraint so that XLA cannot fold the transpose back
-  # into the dot, costs one transpose (~1.3 ms) and makes it 2.4 ms.
-  xt = layout.with_layout_constraint(x.T, layout.Layout((0, 1)))
-  return jnp.dot(xt, g, preferred_element_type=jnp.float32)
-
-
-def weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
-  """x^T g: the weight gradient of `x @ w`, float32 accumulation.
-
-  Args:
-    x: (M, K) inputs (M = every pixel of the batch).
-    g: (M, N) output cotangents, x's dtype.
-
-  Returns:
-    (K, N) float32.
-  """
-  if x.dtype == jnp.float32:
-    return _contract_rows(x, g)
-  # The transposed form only pays on XLA:CPU (measured there).
-  return lax.platform_dependent(x, g, cpu=_contract_rows_transposed,
-                                default=_contract_rows)
-
-
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """(..., K) @ (K, N) -> (..., N), float32 accumulation, x's dtype out.
-
-  Args:
-    x: (..., K) activations (float32 or bfloat16).
-    w: (K, N) weights, same dtype as x.
-
-  Returns:
-    (..., N) in x.dtype.
-  """
-  # The cast's transpose hands `matmul_f32` a float32 cotangent that holds
-  # x.dtype values exactly, so the backward products are unchanged.
-  return matmul_f32(x, w).astype(x.dtype)
 
 
 def im2col(x: jax.Array, kernel_size: Sequence[int], strides: Sequence[int],
@@ -401,6 +317,9 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
     return 'patches'
   if impl == 'taps':
     return 'taps'
+  winograd_shape = (kh, kw) == (3, 3) and unit_stride
+  if impl == 'winograd' and winograd_shape:
+    return 'winograd'
   low_precision = jnp.dtype(dtype) != jnp.float32
   if low_precision:
     if unit_stride:
@@ -409,7 +328,9 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
     return 'space_to_depth' if divisible else 'patches'
   if not unit_stride or c_in < MIN_MATMUL_CHANNELS:
     return 'lax'
-  return 'taps' if kh * kw * c_out <= c_in else 'patches'
+  if kh * kw * c_out <= c_in:
+    return 'taps'
+  return 'winograd' if winograd_shape else 'patches'
 
 
 class Conv(nn.Module):
@@ -474,6 +395,8 @@ class Conv(nn.Module):
     elif impl == 'space_to_depth':
       y = space_to_depth_conv(x, kernel, self.strides,
                               padding).astype(dtype)
+    elif impl == 'winograd':
+      y = winograd.winograd_conv3x3(x, kernel, padding, self.kernel_dilation)
     elif impl == 'patches':
       y = patches_matmul(x, kernel, geometry)
     else:
