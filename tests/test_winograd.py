@@ -107,6 +107,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
      lambda rng: rng.normal(size=(2, 8, 10, 3))),
     (winograd.output_transform,
      lambda rng: tuple(rng.normal(size=(2, 3, 4, 3)) for _ in range(16))),
+    (winograd.kernel_transform, lambda rng: rng.normal(size=(3, 3, 4, 5))),
 ])
 def test_hand_written_transposes_match_autodiff(transform, make_input):
   # Both transforms are linear: their custom backward must equal the
@@ -117,8 +118,9 @@ def test_hand_written_transposes_match_autodiff(transform, make_input):
   cotangent = jax.tree.map(
       lambda o: jnp.asarray(rng.normal(size=o.shape), jnp.float32), out)
   (have,) = vjp(cotangent)
-  plain = {winograd.output_transform: winograd.output_transform.fun}.get(
-      transform, lambda s: winograd.input_transform.fun(s, 3, 4))
+  plain = {winograd.output_transform: winograd.output_transform.fun,
+           winograd.kernel_transform: winograd.kernel_transform.fun}.get(
+               transform, lambda s: winograd.input_transform.fun(s, 3, 4))
   _, plain_vjp = jax.vjp(plain, primal)
   (want,) = plain_vjp(cotangent)
   for a, b in zip(jax.tree.leaves(have), jax.tree.leaves(want)):
