@@ -28,6 +28,7 @@ from jaxda import parallel
 from jaxda import train_loop
 from jaxda.methods import base
 from jaxda.models import conv as conv_lib
+from jaxda.models import matmul as matmul_lib
 
 
 def _numpy_conv(x, w, stride, padding, dilation):
@@ -254,7 +255,7 @@ def test_weight_gradient_matches_numpy(dtype):
   g = rng.normal(size=(257, 20)).astype(np.float32)
   xd, gd = jnp.asarray(x, dtype), jnp.asarray(g, dtype)
   want = (np.asarray(xd, np.float64).T @ np.asarray(gd, np.float64))
-  for fn in (conv_lib.weight_gradient, jax.jit(conv_lib.weight_gradient)):
+  for fn in (matmul_lib.weight_gradient, jax.jit(matmul_lib.weight_gradient)):
     got = fn(xd, gd)
     assert got.dtype == jnp.float32 and got.shape == (33, 20)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
@@ -266,13 +267,13 @@ def test_matmul_gradient_matches_autodiff_of_dot():
   w = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
   g = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
   loss = lambda f: (lambda x, w: jnp.sum(f(x, w) * g))
-  got = jax.grad(loss(conv_lib.matmul), argnums=(0, 1))(x, w)
+  got = jax.grad(loss(matmul_lib.matmul), argnums=(0, 1))(x, w)
   want = jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # bfloat16: the gradient keeps the input dtypes.
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  dx, dw = jax.grad(loss(conv_lib.matmul), argnums=(0, 1))(xb, wb)
+  dx, dw = jax.grad(loss(matmul_lib.matmul), argnums=(0, 1))(xb, wb)
   assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(dw, np.float32), want[1], rtol=5e-2,
                              atol=5e-2)

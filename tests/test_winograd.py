@@ -102,15 +102,17 @@ def test_bfloat16_inputs_accumulate_in_float32():
                              atol=3e-2)
 
 
-@pytest.mark.parametrize('transform,make_input', [
+@pytest.mark.parametrize('transform,plain,make_input', [
     (lambda s: winograd.input_transform(s, 3, 4),
+     lambda s: winograd.input_transform.fun(s, 3, 4),
      lambda rng: rng.normal(size=(2, 8, 10, 3))),
-    (winograd.output_transform,
+    (winograd.output_transform, winograd.output_transform.fun,
      lambda rng: tuple(rng.normal(size=(2, 3, 4, 3)) for _ in range(16))),
-    (winograd.kernel_transform, lambda rng: rng.normal(size=(3, 3, 4, 5))),
+    (winograd.kernel_transform, winograd.kernel_transform.fun,
+     lambda rng: rng.normal(size=(3, 3, 4, 5))),
 ])
-def test_hand_written_transposes_match_autodiff(transform, make_input):
-  # Both transforms are linear: their custom backward must equal the
+def test_hand_written_transposes_match_autodiff(transform, plain, make_input):
+  # All three transforms are linear: their custom backward must equal the
   # transpose autodiff derives from the forward code (`.fun`, no custom rule).
   rng = np.random.default_rng(8)
   primal = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), make_input(rng))
@@ -118,9 +120,6 @@ def test_hand_written_transposes_match_autodiff(transform, make_input):
   cotangent = jax.tree.map(
       lambda o: jnp.asarray(rng.normal(size=o.shape), jnp.float32), out)
   (have,) = vjp(cotangent)
-  plain = {winograd.output_transform: winograd.output_transform.fun,
-           winograd.kernel_transform: winograd.kernel_transform.fun}.get(
-               transform, lambda s: winograd.input_transform.fun(s, 3, 4))
   _, plain_vjp = jax.vjp(plain, primal)
   (want,) = plain_vjp(cotangent)
   for a, b in zip(jax.tree.leaves(have), jax.tree.leaves(want)):

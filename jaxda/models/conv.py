@@ -43,7 +43,6 @@ from jaxda.models import remat
 from jaxda.models import winograd
 from jaxda.models.matmul import matmul
 from jaxda.models.matmul import matmul_f32
-from jaxda.models.matmul import weight_gradient  # pylint: disable=unused-import
 
 IMPLS = ('auto', 'lax', 'dot', 'taps', 'winograd')
 

@@ -45,16 +45,17 @@ _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
 _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
-def _combine(coefficients: Sequence[int], parts: Sequence[jax.Array]):
-  """sum_i c_i parts[i] for c_i in {-1, 0, 1}, as adds and subtractions."""
+def _combine(coefficients: Sequence[float], parts: Sequence[jax.Array]):
+  """sum_i c_i parts[i] over the nonzero c_i; ±1 as adds and subtractions."""
   out = None
   for c, p in zip(coefficients, parts):
     if c == 0:
       continue
+    term = p if abs(c) == 1 else float(abs(c)) * p
     if out is None:
-      out = p if c == 1 else -p
+      out = term if c > 0 else -term
     else:
-      out = out + p if c == 1 else out - p
+      out = out + term if c > 0 else out - term
   return out
 
 
@@ -176,12 +177,6 @@ def _output_transform_bwd(_, dy):
 output_transform.defvjp(_output_transform_fwd, _output_transform_bwd)
 
 
-def _linear(coefficients, parts):
-  """sum_i c_i parts[i] over the nonzero float coefficients."""
-  terms = [float(c) * p for c, p in zip(coefficients, parts) if c != 0]
-  return sum(terms[1:], terms[0])
-
-
 @jax.custom_vjp
 def kernel_transform(kernel: jax.Array) -> tuple[jax.Array, ...]:
   """U = G g G^T: (3, 3, C_in, C_out) -> 16 (C_in, C_out), kernel's dtype.
@@ -189,9 +184,9 @@ def kernel_transform(kernel: jax.Array) -> tuple[jax.Array, ...]:
   Entry ξ * 4 + ν holds U[ξ, ν], computed in float32.
   """
   g = [[kernel[a, c].astype(jnp.float32) for c in range(3)] for a in range(3)]
-  rows = [[_linear(_G[xi], [g[a][c] for a in range(3)]) for c in range(3)]
+  rows = [[_combine(_G[xi], [g[a][c] for a in range(3)]) for c in range(3)]
           for xi in range(4)]
-  return tuple(_linear(_G[nu], rows[xi]).astype(kernel.dtype)
+  return tuple(_combine(_G[nu], rows[xi]).astype(kernel.dtype)
                for xi in range(4) for nu in range(4))
 
 
@@ -205,9 +200,9 @@ def _kernel_transform_bwd(_, du):
   # evaluated for every kernel element (32 ms per layer4 kernel).
   dtype = du[0].dtype  # the kernel's: U has its dtype
   du = [d.astype(jnp.float32) for d in du]
-  rows = [[_linear(_G[:, c], du[xi * 4:xi * 4 + 4]) for c in range(3)]
+  rows = [[_combine(_G[:, c], du[xi * 4:xi * 4 + 4]) for c in range(3)]
           for xi in range(4)]
-  dg = [[_linear(_G[:, a], [rows[xi][c] for xi in range(4)])
+  dg = [[_combine(_G[:, a], [rows[xi][c] for xi in range(4)])
          for c in range(3)] for a in range(3)]
   return (jnp.stack([jnp.stack(r) for r in dg]).astype(dtype),)
 
