@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxda import pseudo_labels
+from jaxda.methods.self_training import pseudo_labels
 
 IGNORE = pseudo_labels.IGNORE_INDEX
 

@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 from jaxda import host_memory
-from jaxda import train_loop
+from jaxda.train import loop as train_loop
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda import parallel

@@ -33,8 +33,8 @@ import jax
 from benchmarks import paper_step
 from experiments.configs import tpld as tpld_config
 from jaxda import parallel
-from jaxda import self_training
-from jaxda import train_loop
+from jaxda.methods.self_training import rounds as self_training
+from jaxda.train import loop as train_loop
 
 
 def _log(message: str) -> None:

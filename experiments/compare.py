@@ -31,9 +31,9 @@ _OVERRIDES = flags.DEFINE_multi_string(
 
 SELF_TRAINING = ("tpld", "cbst", "crst")
 # Methods whose entry point runs a driver other than jaxda.train_loop.
-DRIVERS = {"tpld": "jaxda.self_training", "cbst": "jaxda.self_training",
-           "crst": "jaxda.self_training", "gam": "jaxda.gam",
-           "anchor": "jaxda.anchor"}
+DRIVERS = {"tpld": "jaxda.methods.self_training.rounds", "cbst": "jaxda.methods.self_training.rounds",
+           "crst": "jaxda.methods.self_training.rounds", "gam": "jaxda.methods.gam.driver",
+           "anchor": "jaxda.methods.anchor.driver"}
 
 
 def headline(target: dict) -> tuple[str, float]:
@@ -91,7 +91,7 @@ def _main(argv):
           summary = json.load(f)
       else:
         driver = importlib.import_module(
-            DRIVERS.get(name, "jaxda.train_loop"))
+            DRIVERS.get(name, "jaxda.train.loop"))
         fn = driver.train_and_evaluate
         t0 = time.time()
         summary = fn(config, workdir)

@@ -11,8 +11,8 @@ import os
 from absl import app
 from absl import flags
 
-from jaxda.data import folder
-from jaxda.data import synthetic
+from jaxda.data.readers import folder
+from jaxda.data.embedded import synthetic
 
 _OUT = flags.DEFINE_string("out", None, "Output root.", required=True)
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 800, "Train images per domain.")

@@ -36,7 +36,7 @@ def define_config_flag(default_config: str) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that mean "the user must change something"."""
   from jaxda import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxda import train_loop  # pylint: disable=g-import-not-at-top
+  from jaxda.train import loop as train_loop  # pylint: disable=g-import-not-at-top
   from jaxda.data import errors  # pylint: disable=g-import-not-at-top
   return (train_loop.ConfigError, train_loop.TrainingDivergedError,
           errors.DataError, checkpoint.CheckpointError, PermissionError,
@@ -44,7 +44,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run(default_config: str, train_fn_name: str = "train_and_evaluate",
-        module: str = "jaxda.train_loop") -> None:
+        module: str = "jaxda.train.loop") -> None:
   """Defines the flags and runs ``module.train_fn_name(config, workdir)``."""
   # Before JAX runs anything (its worker threads keep the allocator arena
   # they start with): XLA:CPU's per-step buffers are then reused instead of
@@ -68,7 +68,7 @@ def run(default_config: str, train_fn_name: str = "train_and_evaluate",
     train_fn: Callable = getattr(importlib.import_module(module),
                                  train_fn_name)
     from jaxda import parallel  # pylint: disable=g-import-not-at-top
-    from jaxda import train_loop  # pylint: disable=g-import-not-at-top
+    from jaxda.train import loop as train_loop  # pylint: disable=g-import-not-at-top
     try:
       # Before any JAX computation: joins the other processes of a
       # multi-host run (config.distributed / JAX_* variables); else no-op.

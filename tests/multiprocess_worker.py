@@ -29,10 +29,10 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from experiments.configs import tpld as tpld_cfg  # pylint: disable=g-import-not-at-top
 from jaxda import parallel  # pylint: disable=g-import-not-at-top
-from jaxda import self_training  # pylint: disable=g-import-not-at-top
-from jaxda import train_loop  # pylint: disable=g-import-not-at-top
+from jaxda.methods.self_training import rounds as self_training  # pylint: disable=g-import-not-at-top
+from jaxda.train import loop as train_loop  # pylint: disable=g-import-not-at-top
 from jaxda.data import pipeline  # pylint: disable=g-import-not-at-top
-from jaxda.methods import self_training as st_steps  # pylint: disable=g-import-not-at-top
+from jaxda.methods.self_training import steps as st_steps  # pylint: disable=g-import-not-at-top
 
 NUM_STEPS = 2
 

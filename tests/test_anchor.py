@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from experiments.configs import anchor as anchor_cfg
-from jaxda import anchor as driver
-from jaxda import depth_estimation
+from jaxda.methods.anchor import driver
+from jaxda.tasks import depth_math as depth_estimation
 from jaxda import models
 from jaxda import optim
 from jaxda import state as state_lib
 from jaxda.data import pipeline
-from jaxda.data import synthetic
-from jaxda.methods import anchor
+from jaxda.data.embedded import synthetic
+from jaxda.methods.anchor import step as anchor
 from jaxda.methods import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

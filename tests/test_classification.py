@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from experiments.configs import classification_common
-from jaxda import classification_eval
+from jaxda.tasks import classification_eval
 from jaxda import models as models_lib
-from jaxda import train_loop
-from jaxda.data import digits
+from jaxda.train import loop as train_loop
+from jaxda.data.embedded import digits
 from jaxda.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

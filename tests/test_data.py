@@ -8,9 +8,9 @@ from PIL import Image
 import pytest
 
 from jaxda.data import errors
-from jaxda.data import folder
+from jaxda.data.readers import folder
 from jaxda.data import pipeline
-from jaxda.data import synthetic
+from jaxda.data.embedded import synthetic
 
 H, W = 32, 64  # Small scenes keep the whole file fast.
 

@@ -136,8 +136,8 @@ def test_nan_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
 def test_folder_layout_for_both_domains(tmp_path, cache_dir):
   """The documented folder layout works for source and target, no code
   change; the target train split has no labels at all."""
-  from jaxda.data import folder
-  from jaxda.data import synthetic
+  from jaxda.data.readers import folder
+  from jaxda.data.embedded import synthetic
   root = tmp_path / "data"
   for domain in ("source", "target"):
     for split, n in (("train", 8), ("val", 4)):

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from experiments.configs import gam as gam_cfg
-from jaxda import activation_matching as am
+from jaxda.methods.gam import matching as am
 from jaxda import models
 from jaxda import optim
 from jaxda import parallel
 from jaxda import state as state_lib
 from jaxda.methods import base
-from jaxda.methods import gam as gam_method
+from jaxda.methods.gam import step as gam_method
 from jaxda.models import activation_discriminator
 from jaxda.models import activation_taps
 

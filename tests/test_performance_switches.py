@@ -25,10 +25,10 @@ import pytest
 from experiments.configs import adaptsegnet as adaptsegnet_config
 from jaxda import models
 from jaxda import parallel
-from jaxda import train_loop
+from jaxda.train import loop as train_loop
 from jaxda.methods import base
-from jaxda.models import conv as conv_lib
-from jaxda.models import matmul as matmul_lib
+from jaxda.models.kernels import conv as conv_lib
+from jaxda.models.kernels import matmul as matmul_lib
 
 
 def _numpy_conv(x, w, stride, padding, dilation):
@@ -398,7 +398,7 @@ def test_remat_step_with_frozen_bn_equals_plain_step(frozen_bn_step,
 
 
 def test_after_keeps_values_and_orders_by_data():
-  from jaxda.models import remat as remat_lib  # pylint: disable=g-import-not-at-top
+  from jaxda.models.kernels import remat as remat_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(4)
   x = {'a': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
        'b': jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16)}
@@ -494,7 +494,7 @@ def _max_fusion_operands(fn, *args) -> int:
 
 def _shortcut_chain(boundary):
   """12 residual steps relu(1.5 x W + 0.25 + out), as a frozen-BN ResNet."""
-  from jaxda.models import fusion  # pylint: disable=g-import-not-at-top
+  from jaxda.models.kernels import fusion  # pylint: disable=g-import-not-at-top
 
   def f(x, ws):
     out = x

@@ -13,9 +13,9 @@ import numpy as np
 
 from experiments.configs import tpld as tpld_cfg
 from jaxda import parallel
-from jaxda import pseudo_labels as pl
-from jaxda import self_training
-from jaxda import train_loop
+from jaxda.methods.self_training import pseudo_labels as pl
+from jaxda.methods.self_training import rounds as self_training
+from jaxda.train import loop as train_loop
 
 
 def _config(data_dir):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxda import pseudo_labels as pl
+from jaxda.methods.self_training import pseudo_labels as pl
 
 IGNORE = 255
 

@@ -23,17 +23,17 @@ from PIL import Image
 import pytest
 
 from experiments.configs import source_only
-from jaxda import full_resolution
-from jaxda import train_loop
+from jaxda.tasks import full_resolution
+from jaxda.train import loop as train_loop
 from jaxda.data import augment
-from jaxda.data import cityscapes
-from jaxda.data import digit_files
+from jaxda.data.readers import cityscapes
+from jaxda.data.readers import digit_files
 from jaxda.data import errors
-from jaxda.data import gta5
-from jaxda.data import office
+from jaxda.data.readers import gta5
+from jaxda.data.readers import office
 from jaxda.data import pipeline
-from jaxda.data import sources
-from jaxda.data import synthia
+from jaxda.data.readers import common as sources
+from jaxda.data.readers import synthia
 from jaxda.data import tables
 from jaxda.methods import base
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import classification_common
-from jaxda import attention
+from jaxda.methods import tada_attention as attention
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda import state as state_lib
@@ -153,7 +153,7 @@ def _tiny_setup(method, **tada_overrides):
   config.num_steps = 10
   for key, value in tada_overrides.items():
     config.tada[key] = value
-  from jaxda import classification_run  # pylint: disable=g-import-not-at-top
+  from jaxda.tasks import classification as classification_run  # pylint: disable=g-import-not-at-top
   from jaxda.methods import get_method  # pylint: disable=g-import-not-at-top
   built = classification_run.build(config, get_method(method), 10)
   params, stats, disc_params = classification_run.init_variables(
@@ -260,7 +260,7 @@ def test_dann_discriminator_on_pooled_features():
       classification_common.get_base_config(), "tiny")
   config.method = "dann"
   config.adversarial.dann_features = "pooled"
-  from jaxda import classification_run  # pylint: disable=g-import-not-at-top
+  from jaxda.tasks import classification as classification_run  # pylint: disable=g-import-not-at-top
   built = classification_run.build(config, dann.DANN, 10)
   params, stats, disc_params = classification_run.init_variables(
       built["models"], config, jax.random.key(0))

@@ -33,7 +33,7 @@ from benchmarks.torch_reference import vgg16 as torch_vgg
 from jaxda import checkpoint as checkpoint_lib
 from jaxda import models
 from jaxda import state as state_lib
-from jaxda import train_loop
+from jaxda.train import loop as train_loop
 from jaxda.models import vgg
 from jaxda.weights import torch_import
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxda.models import winograd
+from jaxda.models.kernels import winograd
 
 
 def _numpy_conv3x3(x, w, padding, dilation):

@@ -22,10 +22,10 @@ import os
 
 import numpy as np
 
-from jaxda.data import digits
+from jaxda.data.embedded import digits
 from jaxda.data import errors
-from jaxda.data import folder
-from jaxda.data import synthetic
+from jaxda.data.readers import folder
+from jaxda.data.embedded import synthetic
 
 DataError = errors.DataError  # Re-exported for callers of this module.
 DOMAIN_NAMES = ('synthetic', 'folder') + digits.DOMAINS
@@ -121,7 +121,7 @@ def load_domain(name, *, role=None, data_dir=None, split='train',
   if real_dataset(name, data_dir):
     # Real benchmarks in their distributed layouts (jaxda.data.sources),
     # read lazily; num_images and seed do not apply.
-    from jaxda.data import sources  # pylint: disable=g-import-not-at-top
+    from jaxda.data.readers import common as sources  # pylint: disable=g-import-not-at-top
     return sources.load_domain(
         'mnist_files' if name == 'mnist' else name, data_dir=data_dir,
         split=split, height=height, width=width,
@@ -154,8 +154,8 @@ def real_dataset(name, data_dir=None):
   'mnist' means the MNIST idx files when `data_dir` holds them, else the
   embedded 5,000-image subset.
   """
-  from jaxda.data import digit_files  # pylint: disable=g-import-not-at-top
-  from jaxda.data import sources  # pylint: disable=g-import-not-at-top
+  from jaxda.data.readers import digit_files  # pylint: disable=g-import-not-at-top
+  from jaxda.data.readers import common as sources  # pylint: disable=g-import-not-at-top
   if name == 'mnist':
     return digit_files.has_mnist_files(data_dir)
   return sources.is_source_name(name)

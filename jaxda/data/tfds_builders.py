@@ -29,11 +29,11 @@ TFDS copy to get one file per shard instead of 25,000 PNGs.
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxda.data import cityscapes
-from jaxda.data import digit_files
-from jaxda.data import gta5
-from jaxda.data import office
-from jaxda.data import synthia
+from jaxda.data.readers import cityscapes
+from jaxda.data.readers import digit_files
+from jaxda.data.readers import gta5
+from jaxda.data.readers import office
+from jaxda.data.readers import synthia
 from jaxda.data import tables
 
 _VERSION = tfds.core.Version('1.0.0')
@@ -196,7 +196,7 @@ class Folder(_ReaderBuilder, skip_registration=True):
   SPLITS = {'train': 'train', 'validation': 'val'}
 
   def _generate_examples(self, root, split):
-    from jaxda.data import folder  # pylint: disable=g-import-not-at-top
+    from jaxda.data.readers import folder  # pylint: disable=g-import-not-at-top
     data = folder.read_folder(root, split, require_labels=True)
     for stem, image, label in zip(data.stems, data.images, data.labels):
       yield stem, {'image': image, 'label': label, 'id': stem}

@@ -1,13 +1,13 @@
 """Method registry: ``config.method`` -> ``jaxda.methods.base.Method``."""
 
 from jaxda.methods import adaptsegnet
-from jaxda.methods import anchor
+from jaxda.methods.anchor import step as anchor
 from jaxda.methods import advent
 from jaxda.methods import base
 from jaxda.methods import classification
 from jaxda.methods import dann
-from jaxda.methods import gam
-from jaxda.methods import self_training
+from jaxda.methods.gam import step as gam
+from jaxda.methods.self_training import steps as self_training
 from jaxda.methods import source_only
 from jaxda.methods import tada
 

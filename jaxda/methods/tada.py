@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxda import attention
+from jaxda.methods import tada_attention as attention
 from jaxda import losses
 from jaxda import ops
 from jaxda.methods import base

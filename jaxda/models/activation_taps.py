@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxda import activation_matching as am
+from jaxda.methods.gam import matching as am
 
 STATS_KEY = "activation_stats"
 MATCH_MODES = ("none", "batch", "running")

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxda.models import conv as conv_lib
+from jaxda.models.kernels import conv as conv_lib
 from jaxda.models import resnet
 
 

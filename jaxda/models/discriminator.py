@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxda.models import conv as conv_lib
+from jaxda.models.kernels import conv as conv_lib
 from jaxda.models import deeplab
 
 # PyTorch's default conv weight init, kaiming_uniform(a=sqrt(5)), is

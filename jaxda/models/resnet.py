@@ -26,9 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxda.models import conv as conv_lib
-from jaxda.models import fusion
-from jaxda.models import remat as remat_lib
+from jaxda.models.kernels import conv as conv_lib
+from jaxda.models.kernels import fusion
+from jaxda.models.kernels import remat as remat_lib
 
 # The originals initialise every conv weight from N(0, 0.01).
 CONV_INIT = nn.initializers.normal(stddev=0.01)

@@ -38,15 +38,15 @@ from matplotlib.backends import backend_agg
 import ml_collections
 import numpy as np
 
-from jaxda import activation_matching as am
+from jaxda.methods.gam import matching as am
 from jaxda import parallel
-from jaxda import self_training
+from jaxda.methods.self_training import rounds as self_training
 from jaxda import state as state_lib
-from jaxda import train_loop
+from jaxda.train import loop as train_loop
 from jaxda import writers
 from jaxda.data import pipeline
 from jaxda.methods import base
-from jaxda.methods import gam as gam_step
+from jaxda.methods.gam import step as gam_step
 from jaxda.models import activation_discriminator
 from jaxda.models import activation_taps
 

@@ -17,7 +17,7 @@ returns all images (SYNTHIA is a source domain only).
 
 import os
 
-from jaxda.data import sources
+from jaxda.data.readers import common as sources
 from jaxda.data import tables
 
 LAYOUT = ('ROOT/RGB/*.png (RGB) and ROOT/GT/LABELS/*.png (16-bit, class id '

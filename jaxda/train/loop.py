@@ -30,9 +30,9 @@ import ml_collections
 import numpy as np
 
 from jaxda import checkpoint as checkpoint_lib
-from jaxda import classification_run
-from jaxda import evaluation
-from jaxda import full_resolution
+from jaxda.tasks import classification as classification_run
+from jaxda.tasks import evaluation
+from jaxda.tasks import full_resolution
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda import parallel
@@ -41,7 +41,7 @@ from jaxda import visualize
 from jaxda import writers
 from jaxda.data import augment
 from jaxda.data import pipeline
-from jaxda.data import sources
+from jaxda.data.readers import common as sources
 from jaxda.methods import base
 from jaxda.methods import get_method
 from jaxda.weights import torch_import

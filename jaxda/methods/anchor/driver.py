@@ -48,18 +48,18 @@ import ml_collections
 import numpy as np
 
 from jaxda import checkpoint as checkpoint_lib
-from jaxda import depth_estimation
-from jaxda import evaluation
+from jaxda.tasks import depth_math as depth_estimation
+from jaxda.tasks import evaluation
 from jaxda import metrics as metrics_lib
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda import parallel
 from jaxda import state as state_lib
-from jaxda import train_loop
+from jaxda.train import loop as train_loop
 from jaxda import visualize
 from jaxda import writers
 from jaxda.data import pipeline
-from jaxda.methods import anchor as anchor_steps
+from jaxda.methods.anchor import step as anchor_steps
 from jaxda.methods import base
 from jaxda.methods import get_method
 

@@ -39,10 +39,10 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from jaxda.models import remat
-from jaxda.models import winograd
-from jaxda.models.matmul import matmul
-from jaxda.models.matmul import matmul_f32
+from jaxda.models.kernels import remat
+from jaxda.models.kernels import winograd
+from jaxda.models.kernels.matmul import matmul
+from jaxda.models.kernels.matmul import matmul_f32
 
 IMPLS = ('auto', 'lax', 'dot', 'taps', 'winograd')
 

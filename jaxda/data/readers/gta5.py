@@ -14,7 +14,7 @@ all 24,966; CRST's 19,984-image list is a subset, METHODS.md §3.8).
 
 import os
 
-from jaxda.data import sources
+from jaxda.data.readers import common as sources
 from jaxda.data import tables
 
 LAYOUT = ('ROOT/images/*.png (RGB) and ROOT/labels/*.png (Cityscapes label '

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from jaxda.data import errors
-from jaxda.data import sources
+from jaxda.data.readers import common as sources
 
 IGNORE_LABEL = 255
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxda import attention
-from jaxda import classification_eval
-from jaxda import evaluation
+from jaxda.methods import tada_attention as attention
+from jaxda.tasks import classification_eval
+from jaxda.tasks import evaluation
 from jaxda import models as models_lib
 from jaxda import parallel
 from jaxda import visualize

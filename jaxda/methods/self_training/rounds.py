@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxda import evaluation
+from jaxda.tasks import evaluation
 from jaxda import parallel
-from jaxda import pseudo_labels as pl
-from jaxda import train_loop
+from jaxda.methods.self_training import pseudo_labels as pl
+from jaxda.train import loop as train_loop
 from jaxda import visualize
 from jaxda.data import pipeline
-from jaxda.methods import self_training as steps
+from jaxda.methods.self_training import steps
 
 IGNORE = 255
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxda import activation_matching as am
+from jaxda.methods.gam import matching as am
 from jaxda import losses
 from jaxda.methods import base
 from jaxda.models import activation_taps

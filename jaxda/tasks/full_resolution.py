@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxda import evaluation
+from jaxda.tasks import evaluation
 from jaxda import metrics
 from jaxda import parallel
 from jaxda.data import pipeline

@@ -71,11 +71,11 @@ def open_source(name, data_dir, split='train', **options):
   """
   # Imported here: the readers import this module for the shared helpers.
   # pylint: disable=g-import-not-at-top
-  from jaxda.data import cityscapes
-  from jaxda.data import digit_files
-  from jaxda.data import gta5
-  from jaxda.data import office
-  from jaxda.data import synthia
+  from jaxda.data.readers import cityscapes
+  from jaxda.data.readers import digit_files
+  from jaxda.data.readers import gta5
+  from jaxda.data.readers import office
+  from jaxda.data.readers import synthia
   # pylint: enable=g-import-not-at-top
   if not data_dir:
     raise errors.DataError(

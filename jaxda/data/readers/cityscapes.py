@@ -16,7 +16,7 @@ Train has 2,975 images and val 500; evaluation is at the labels' 2048x1024.
 import os
 
 from jaxda.data import errors
-from jaxda.data import sources
+from jaxda.data.readers import common as sources
 from jaxda.data import tables
 
 LAYOUT = ('ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png and '

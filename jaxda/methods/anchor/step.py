@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxda import depth_estimation
+from jaxda.tasks import depth_math as depth_estimation
 from jaxda import losses
 from jaxda import optim
 from jaxda.methods import adversarial

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxda import evaluation
+from jaxda.tasks import evaluation
 from jaxda.methods import classification
 
 IGNORE = 255

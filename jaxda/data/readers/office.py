@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from jaxda.data import errors
-from jaxda.data import sources
+from jaxda.data.readers import common as sources
 from jaxda.data import tables
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')

@@ -36,7 +36,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxda.models import matmul as matmul_lib
+from jaxda.models.kernels import matmul as matmul_lib
 
 # F(2, 3): B^T (4×4), G (4×3), A^T (2×4).
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))

@@ -1,0 +1,1 @@
+"""jaxda.methods.self_training."""

@@ -1,0 +1,1 @@
+"""jaxda.models.kernels."""
