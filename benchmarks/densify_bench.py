@@ -9,8 +9,8 @@ batch; the exact form then holds ~50 MB of confidences, the histogram 156 kB):
 
   python -m benchmarks.densify_bench --out DIR --maps 100
 
-Part 1 times `jaxda.pseudo_labels.densify` (jitted) in its default
-implementation (`--impl auto`: 'shifted', the candidate-only window sum,
+Part 1 times `jaxda.methods.self_training.densify.densify` (jitted) in its
+default implementation (`--impl auto`: 'shifted', the candidate-only window sum,
 for small windows and top_k) as `jax_kernel`, beside the other one
 ('reduce_window': per iteration one separable pair of `reduce_window`s over
 all classes of the whole batch), against NumPy implementations of the same rule, written here, all in
@@ -66,9 +66,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxda.methods.self_training import pseudo_labels
-
-IGNORE = pseudo_labels.IGNORE_INDEX
+from jaxda.methods.self_training import densify as voting
+from jaxda.methods.self_training import thresholds as cbst
+from jaxda.types import IGNORE_LABEL as IGNORE
 
 
 # ---------------------------------------------------------------------------
@@ -346,8 +346,8 @@ def bench_densify(args, copy_bw):
   shape = (args.batch, args.height, args.width, args.classes)
   probs_dev = _synthetic_probs_jit(jax.random.key(args.seed), *shape)
   probs = np.asarray(probs_dev)
-  thresholds = pseudo_labels.class_thresholds(probs, args.portion)
-  labels = np.asarray(pseudo_labels.select(probs, thresholds))
+  thresholds = cbst.class_thresholds(probs, args.portion)
+  labels = np.asarray(cbst.select(probs, thresholds))
   rule = dict(window=args.window, alpha=args.alpha, num_iters=args.num_iters,
               pooling=args.pooling, combine=args.combine, top_k=args.top_k)
   thr_dev = jnp.asarray(thresholds)
@@ -356,7 +356,7 @@ def bench_densify(args, copy_bw):
   if kernel_impl == "auto":
     kernel_impl = ("shifted" if args.window * args.top_k <= 2 * args.classes
                    else "reduce_window")
-  compiled = pseudo_labels.densify.lower(
+  compiled = voting.densify.lower(
       probs_dev, labels_dev, thr_dev, impl=kernel_impl, **rule).compile()
   analysis = compiled.memory_analysis()
   temp_bytes = (int(analysis.temp_size_in_bytes) if analysis is not None
@@ -366,9 +366,9 @@ def bench_densify(args, copy_bw):
   # the other JAX implementation is timed beside it.
   other_impl = "reduce_window" if kernel_impl == "shifted" else "shifted"
   impls = {
-      "jax_kernel": lambda: pseudo_labels.densify(
+      "jax_kernel": lambda: voting.densify(
           probs_dev, labels_dev, thr_dev, impl=kernel_impl, **rule),
-      f"jax_{other_impl}": lambda: pseudo_labels.densify(
+      f"jax_{other_impl}": lambda: voting.densify(
           probs_dev, labels_dev, thr_dev, impl=other_impl, **rule),
       "numpy_vectorized": lambda: numpy_densify_vectorized(
           probs, labels, thresholds, **rule),
@@ -464,7 +464,7 @@ def _exact_pass(args):
       base, _ = tracemalloc.get_traced_memory()
       tracemalloc.reset_peak()
       start = time.perf_counter()
-      for c, vals in enumerate(pseudo_labels.class_confidences(
+      for c, vals in enumerate(cbst.class_confidences(
           batch, subsample=args.subsample)):
         lists[c].append(vals)
       elapsed += time.perf_counter() - start
@@ -473,7 +473,7 @@ def _exact_pass(args):
     tracemalloc.reset_peak()
     start = time.perf_counter()
     merged = [np.concatenate(x) for x in lists]
-    thresholds = pseudo_labels.thresholds_from_confidences(
+    thresholds = cbst.thresholds_from_confidences(
         merged, args.portion)
     elapsed += time.perf_counter() - start
     peak = max(peak, tracemalloc.get_traced_memory()[1])
@@ -484,29 +484,29 @@ def _exact_pass(args):
 
 
 def _streaming_pass(args):
-  hist = pseudo_labels.init_threshold_histogram(args.classes, args.num_bins)
+  hist = cbst.init_threshold_histogram(args.classes, args.num_bins)
   elapsed = 0.0
   for key, size in _batches(args):
     batch = jax.block_until_ready(_synthetic_probs_jit(
         key, size, args.map_height, args.map_width, args.classes))
     start = time.perf_counter()
-    hist = jax.block_until_ready(pseudo_labels.update_threshold_histogram(
+    hist = jax.block_until_ready(cbst.update_threshold_histogram(
         hist, batch, subsample=args.subsample))
     elapsed += time.perf_counter() - start
   start = time.perf_counter()
-  thresholds = pseudo_labels.thresholds_from_histogram(hist, args.portion)
+  thresholds = cbst.thresholds_from_histogram(hist, args.portion)
   elapsed += time.perf_counter() - start
   return thresholds, elapsed, hist
 
 
 def bench_thresholds(args):
   # Compile the update for every batch size used, outside the timings.
-  hist = pseudo_labels.init_threshold_histogram(args.classes, args.num_bins)
+  hist = cbst.init_threshold_histogram(args.classes, args.num_bins)
   temp_bytes = 0
   for size in sorted({size for _, size in _batches(args)}):
     spec = jax.ShapeDtypeStruct(
         (size, args.map_height, args.map_width, args.classes), jnp.float32)
-    compiled = pseudo_labels.update_threshold_histogram.lower(
+    compiled = cbst.update_threshold_histogram.lower(
         hist, spec, subsample=args.subsample).compile()
     analysis = compiled.memory_analysis()
     if analysis is not None:
@@ -521,7 +521,7 @@ def bench_thresholds(args):
     thr_h, t_h, hist = _streaming_pass(args)
     stream.append(t_h)
 
-  edges = pseudo_labels.threshold_histogram_edges(args.classes, args.num_bins)
+  edges = cbst.threshold_histogram_edges(args.classes, args.num_bins)
   z = lambda p: np.log(p) - np.log1p(-np.minimum(p, 1 - 2.0**-24))
   width = (z(edges[-1]) - z(edges[0])) / args.num_bins
   gap_bins = [(z(np.float64(e)) - z(np.float64(h))) / width
@@ -593,7 +593,7 @@ def parse_args(argv=None):
   g.add_argument("--map-batch", type=int, default=2)
   g.add_argument("--subsample", type=int, default=4)
   g.add_argument("--num-bins", type=int,
-                 default=pseudo_labels.DEFAULT_NUM_BINS)
+                 default=cbst.DEFAULT_NUM_BINS)
   g.add_argument("--threshold-repeats", type=int, default=3)
   g.add_argument("--skip-thresholds", action="store_true")
   return parser.parse_args(argv)

@@ -32,6 +32,7 @@ import numpy as np
 from benchmarks import densify_bench
 from benchmarks import paper_step
 from jaxda import losses
+from jaxda.types import IGNORE_LABEL
 
 
 def _log(message: str) -> None:
@@ -39,7 +40,7 @@ def _log(message: str) -> None:
 
 
 def _numpy_ce(logits, labels):
-  valid = labels != 255
+  valid = labels != IGNORE_LABEL
   m = logits.max(-1, keepdims=True)
   lse = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
   picked = np.take_along_axis(logits, np.where(valid, labels, 0)[..., None],
@@ -57,7 +58,7 @@ def loss_variants(batch=2, height=256, width=512, classes=19, seed=0):
   rng = np.random.default_rng(seed)
   logits = rng.normal(size=(batch, height, width, classes)).astype(np.float32)
   labels = rng.integers(0, classes, (batch, height, width)).astype(np.int32)
-  labels[:, :height // 8] = 255
+  labels[:, :height // 8] = IGNORE_LABEL
   probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   d_out = rng.normal(size=(batch, 8, 16, 1)).astype(np.float32)
   lg, lb, pr = jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(probs)
@@ -90,7 +91,7 @@ def loss_variants(batch=2, height=256, width=512, classes=19, seed=0):
 
     def torch_ce_grad():
       x = tl.detach().requires_grad_()
-      loss = F.cross_entropy(x, tlab, ignore_index=255)
+      loss = F.cross_entropy(x, tlab, ignore_index=IGNORE_LABEL)
       loss.backward()
       return loss
 
@@ -99,8 +100,9 @@ def loss_variants(batch=2, height=256, width=512, classes=19, seed=0):
                     + F.binary_cross_entropy_with_logits(
                         td, torch.ones_like(td)))
 
-    out["ce/torch"] = (lambda: F.cross_entropy(tl, tlab, ignore_index=255),
-                       n + labels.nbytes)
+    out["ce/torch"] = (
+        lambda: F.cross_entropy(tl, tlab, ignore_index=IGNORE_LABEL),
+        n + labels.nbytes)
     out["ce+grad/torch"] = (torch_ce_grad, n + logits.nbytes)
     out["entropy_map/torch"] = (
         lambda: -tp * torch.log2(tp + 1e-30) / np.log2(classes),

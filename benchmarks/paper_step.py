@@ -9,7 +9,7 @@ with ndf 64, batch 1 per domain, 512x1024 source and target images):
 The configuration is the method's ``paper`` preset
 (``experiments/configs/<method>.py``) with the image size overridden; the
 models, optimisers, train state and jitted step are built directly the way
-``jaxda.train_loop.setup`` builds them (same frozen-parameter regexes), but on
+``jaxda.train.loop.setup`` builds them (same frozen-parameter regexes), but on
 random float32 images and random labels (a few rows set to 255, ignored)
 instead of a dataset. Parameters are initialised at a small spatial size
 (the networks are fully convolutional, so parameter shapes do not depend on
@@ -47,15 +47,14 @@ import numpy as np
 import optax
 
 from jaxda import host_memory
-from jaxda.train import loop as train_loop
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda import parallel
 from jaxda import state as state_lib
 from jaxda.methods import base
 from jaxda.methods import get_method
-
-IGNORE_LABEL = 255
+from jaxda.models import forward
+from jaxda.types import IGNORE_LABEL
 
 # method -> (config module under experiments/configs, extra variant). Methods
 # that need pseudo labels (CBST, CRST, TPLD) have a different batch contract
@@ -98,8 +97,8 @@ def paper_config(method: str, variant: str, height: int, width: int,
 
 
 def frozen_regexes(config) -> list[str]:
-  """Parameter-path regexes never updated, as ``train_loop.setup`` has them."""
-  return train_loop.frozen_regexes(config)
+  """Parameter-path regexes never updated, as the segmentation task has them."""
+  return models_lib.segmenter_frozen_regexes(config)
 
 
 def build(config, num_classes: int, init_size: int, seed: int,
@@ -118,7 +117,7 @@ def build(config, num_classes: int, init_size: int, seed: int,
     ``(state, step_jit, labels_fn, method, mesh)``.
   """
   method = get_method(config.method)
-  precision = train_loop.precision_options(config)
+  precision = forward.precision_options(config)
   segmenter = models_lib.create_segmenter(
       config.model.name, num_classes, multi_level=config.model.multi_level,
       aspp_branches_used=config.model.aspp_branches_used,

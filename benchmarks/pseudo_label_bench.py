@@ -9,7 +9,7 @@ On the TPLD CPU config (`experiments/configs/tpld.py`, the embedded
 synthetic target set), over the same target training images:
 
 * ``forward``: the labelling pass's own inference, i.e. every batch of
-  target images through `train_loop.make_predict_jit` (network, bilinear
+  target images through `segmentation.make_predict_jit` (network, bilinear
   upsampling, softmax), blocked on at the end;
 * ``full_phase1`` / ``full_phase2``: `self_training.make_pseudo_labels` as a
   round runs it: streaming class thresholds (pass A), then selection,
@@ -34,6 +34,8 @@ from benchmarks import paper_step
 from experiments.configs import tpld as tpld_config
 from jaxda import parallel
 from jaxda.methods.self_training import rounds as self_training
+from jaxda import methods
+from jaxda.tasks import segmentation
 from jaxda.train import loop as train_loop
 
 
@@ -50,16 +52,16 @@ def build_run(num_images: int, data_dir: str, workdir: str, model: str = ""):
   config.num_devices = 1
   config.source.data_dir = data_dir
   config.target.data_dir = data_dir
-  run = train_loop.setup(config, workdir)
+  run = train_loop.setup(config, workdir, methods.get_method(config.method))
   return run, train_loop.create_state(run)
 
 
 def forward_only(run, state) -> None:
   """Inference alone: network + upsampling + softmax over every batch."""
-  predict_jit = train_loop.make_predict_jit(run)
+  predict_jit = segmentation.make_predict_jit(run)
   out = None
-  # The labelling pass's batching (train_loop.eval_batches' contract).
-  for batch in train_loop.eval_batches(run, run.data["target_train"]):
+  # The labelling pass's batching (segmentation.eval_batches' contract).
+  for batch in segmentation.eval_batches(run, run.data["target_train"]):
     image = parallel.shard_batch({"image": batch["image"]}, run.mesh)["image"]
     out = predict_jit(state, image)
   jax.block_until_ready(out)

@@ -3,4 +3,4 @@
 from experiments import main
 
 if __name__ == "__main__":
-  main.run(main.config_path("anchor"), module="jaxda.methods.anchor.driver")
+  main.run(main.config_path("anchor"))

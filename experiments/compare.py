@@ -29,20 +29,17 @@ _OUT = flags.DEFINE_string("out", "runs/compare", "Output directory.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "key=value applied to every config (dotted keys).")
 
-SELF_TRAINING = ("tpld", "cbst", "crst")
-# Methods whose entry point runs a driver other than jaxda.train_loop.
-DRIVERS = {"tpld": "jaxda.methods.self_training.rounds", "cbst": "jaxda.methods.self_training.rounds",
-           "crst": "jaxda.methods.self_training.rounds", "gam": "jaxda.methods.gam.driver",
-           "anchor": "jaxda.methods.anchor.driver"}
+# The config whose run (same seed) warm-starts the methods that adapt a
+# source-only model, when it is part of the comparison.
+_BASE_CONFIG = "source_only"
 
 
-def headline(target: dict) -> tuple[str, float]:
-  """The metric a run is compared by: mIoU, accuracy or depth δ<1.25."""
-  if "miou" in target:
-    return "miou", target["miou"]
-  if "accuracy" in target:
-    return "accuracy", target["accuracy"]
-  return "depth_delta1", target["depth"]["delta1"]
+def headline(target: dict, method: str) -> tuple[str, float]:
+  """The metric a run is compared by: its task's headline (mIoU, accuracy
+  or depth δ<1.25)."""
+  from jaxda import methods  # pylint: disable=g-import-not-at-top
+  from jaxda import tasks  # pylint: disable=g-import-not-at-top
+  return tasks.get_task(methods.get_method(method).task).headline(target)
 
 
 def _load_config(spec: str):
@@ -68,21 +65,21 @@ def _apply_override(config, item: str) -> None:
 def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  import importlib  # pylint: disable=g-import-not-at-top
+  from jaxda import methods  # pylint: disable=g-import-not-at-top
   results = {}
   for spec in _METHODS.value:
     for seed in _SEEDS.value:
-      name, config = _load_config(spec)
+      _, config = _load_config(spec)
       config.seed = int(seed)
       for item in _OVERRIDES.value:
         _apply_override(config, item)
       label = spec.replace(":", "-")
-      base_dir = os.path.join(_OUT.value, f"source_only_seed{seed}")
-      if (name in SELF_TRAINING + ("gam",) and
-          not config.model.init_checkpoint and
-          "source_only" in _METHODS.value):
-        # Self-training starts from the source-only run of the same seed
-        # (the same recipe its driver would otherwise train itself).
+      base_dir = os.path.join(_OUT.value, f"{_BASE_CONFIG}_seed{seed}")
+      if (methods.get_method(config.method).warm_starts_from_source_only
+          and not config.model.init_checkpoint
+          and _BASE_CONFIG in _METHODS.value):
+        # It starts from the source-only run of the same seed (the same
+        # recipe its driver would otherwise train itself).
         config.model.init_checkpoint = base_dir
       workdir = os.path.join(_OUT.value, f"{label}_seed{seed}")
       summary_path = os.path.join(workdir, "summary.json")
@@ -90,13 +87,10 @@ def _main(argv):
         with open(summary_path) as f:
           summary = json.load(f)
       else:
-        driver = importlib.import_module(
-            DRIVERS.get(name, "jaxda.train.loop"))
-        fn = driver.train_and_evaluate
         t0 = time.time()
-        summary = fn(config, workdir)
+        summary = methods.train_and_evaluate(config, workdir)
         summary["wall_time_s"] = time.time() - t0
-      metric, value = headline(summary["target"])
+      metric, value = headline(summary["target"], summary["method"])
       entry = results.setdefault(label, {"metric": metric, "values": [],
                                          "wall_time_s": [], "seeds": []})
       entry["values"].append(value)

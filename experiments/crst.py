@@ -3,4 +3,4 @@
 from experiments import main
 
 if __name__ == "__main__":
-  main.run(main.config_path("crst"), module="jaxda.methods.self_training.rounds")
+  main.run(main.config_path("crst"))

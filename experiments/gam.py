@@ -3,4 +3,4 @@
 from experiments import main
 
 if __name__ == "__main__":
-  main.run(main.config_path("gam"), module="jaxda.methods.gam.driver")
+  main.run(main.config_path("gam"))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -36,16 +34,17 @@ def define_config_flag(default_config: str) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that mean "the user must change something"."""
   from jaxda import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxda.train import loop as train_loop  # pylint: disable=g-import-not-at-top
-  from jaxda.data import errors  # pylint: disable=g-import-not-at-top
-  return (train_loop.ConfigError, train_loop.TrainingDivergedError,
-          errors.DataError, checkpoint.CheckpointError, PermissionError,
-          FileNotFoundError)
+  from jaxda.data import errors as data_errors  # pylint: disable=g-import-not-at-top
+  from jaxda.train import exceptions as errors  # pylint: disable=g-import-not-at-top
+  from jaxda.weights import torch_import  # pylint: disable=g-import-not-at-top
+  return (errors.ConfigError, errors.TrainingDivergedError,
+          data_errors.DataError, checkpoint.CheckpointError,
+          torch_import.WeightImportError, PermissionError, FileNotFoundError)
 
 
-def run(default_config: str, train_fn_name: str = "train_and_evaluate",
-        module: str = "jaxda.train.loop") -> None:
-  """Defines the flags and runs ``module.train_fn_name(config, workdir)``."""
+def run(default_config: str) -> None:
+  """Defines the flags and runs ``config.method`` through the registry
+  (``jaxda.methods.train_and_evaluate``: the method's driver or the loop)."""
   # Before JAX runs anything (its worker threads keep the allocator arena
   # they start with): XLA:CPU's per-step buffers are then reused instead of
   # page-faulted in again every step (jaxda.host_memory).
@@ -56,7 +55,6 @@ def run(default_config: str, train_fn_name: str = "train_and_evaluate",
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import importlib  # pylint: disable=g-import-not-at-top
     from absl import logging  # pylint: disable=g-import-not-at-top
     # Orbax and JAX log a lot at INFO; users see jaxda's own progress and
     # summary on stdout. `--verbosity=0` (or -v 0) brings INFO back.
@@ -65,10 +63,9 @@ def run(default_config: str, train_fn_name: str = "train_and_evaluate",
     config = flags.FLAGS.config
     workdir = _WORKDIR.value or os.path.join(
         "runs", f"{config.method}_seed{config.seed}")
-    train_fn: Callable = getattr(importlib.import_module(module),
-                                 train_fn_name)
+    from jaxda import methods  # pylint: disable=g-import-not-at-top
     from jaxda import parallel  # pylint: disable=g-import-not-at-top
-    from jaxda.train import loop as train_loop  # pylint: disable=g-import-not-at-top
+    from jaxda.train import signals  # pylint: disable=g-import-not-at-top
     try:
       # Before any JAX computation: joins the other processes of a
       # multi-host run (config.distributed / JAX_* variables); else no-op.
@@ -77,8 +74,8 @@ def run(default_config: str, train_fn_name: str = "train_and_evaluate",
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     try:
-      train_fn(config, workdir)
-    except train_loop.StopRequested as e:
+      methods.train_and_evaluate(config, workdir)
+    except signals.StopRequested as e:
       # SIGTERM/SIGINT: a checkpoint was written; exit as the signal would
       # have (143 / 130) so schedulers see the run was stopped, not done.
       print(str(e), file=sys.stderr)

@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxda import state as state_lib
@@ -177,8 +176,3 @@ def load_weights(path: str) -> dict[str, Any]:
   raise CheckpointError(
       f"no readable checkpoint in {directory}"
       + (": " + "; ".join(errors) if errors else ""))
-
-
-def tree_bytes(tree: Any) -> int:
-  """Total bytes of the arrays in ``tree``."""
-  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))

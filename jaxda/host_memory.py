@@ -1,15 +1,10 @@
 """Host allocator policy: keep freed memory for the next step (glibc only).
 
-Why: XLA:CPU allocates every execution's temporaries (one buffer, ~2 GB for
-the 256x512 AdaptSegNet step) when the step starts and frees them when it
-ends. glibc serves an allocation that large with a fresh ``mmap`` and
-returns it with ``munmap``, so every step page-faults its whole working set
-again: the kernel zeroes each 4 KiB page on first touch. Measured on a
-2-core AMD EPYC (benchmarks/NOTES.md): 600,000 page faults and 2 s of
-kernel time per 11.5 s step; PyTorch's step 300,000. The allocations come
-from XLA's worker threads, whose glibc arenas cannot hold them (64 MiB heaps),
-so raising the mmap threshold alone does nothing: all three settings below
-are needed.
+XLA:CPU allocates each execution's temporaries as one large buffer when a
+step starts and frees it when the step ends; glibc serves that with a fresh
+``mmap`` / ``munmap``, so every step page-faults (and the kernel zeroes) its
+whole working set again. The allocations come from XLA's worker threads,
+whose arenas have a size limit, so all three settings below are needed.
 
 ``keep_freed_memory()`` sets, through ``mallopt``:
 
@@ -19,18 +14,20 @@ are needed.
 * ``M_TRIM_THRESHOLD = SIZE_MAX``: freed memory at the top of the heap is
   not given back to the kernel.
 
-The next step then reuses the heap's pages: the 256x512 step measured 0
-faults per step (a small 64 MiB probe, while its heap was still settling,
-between 0.25 and 25,000 per call against 33,000 without). Cost: the process
-keeps its peak heap size until it exits (a training process reaches it on
-its first step anyway), and threads share one arena lock.
+The next step then reuses the heap's pages. Cost: the process keeps its peak
+heap size until it exits (a training process reaches it on its first step
+anyway), and threads share one arena lock.
 
 Call it before JAX runs anything: a thread keeps the arena it got at its
-first allocation (called after JAX's CPU client existed, a probe's faults
-fell 4x instead of 20x). The experiment entry points, the benchmarks and the
-test suite call it first. ``JAXDA_KEEP_FREED_MEMORY=0`` turns it off; a
+first allocation. The experiment entry points, the benchmarks and the test
+suite call it first. ``JAXDA_KEEP_FREED_MEMORY=0`` turns it off; a
 ``GLIBC_TUNABLES`` that already sets ``glibc.malloc.*`` wins over it.
-Written by hand: neither JAX nor XLA exposes an allocator setting.
+Platforms: the host process's glibc allocator, whatever the JAX backend.
+It pays on cpu, where XLA:CPU's step buffers live in host memory; on
+cuda / rocm / tpu the device allocator holds them and only host-side arrays
+(input batches) use this heap: harmless there, not measured (table:
+``jaxda/models/kernels/platform.py``). Written by hand: neither JAX nor XLA
+exposes an allocator setting. Measurements: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations

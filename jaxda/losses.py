@@ -6,9 +6,10 @@ Conventions shared by every function here:
   with any leading dimensions, (B, H, W, C) for segmentation or (B, C) for
   classification. Per-pixel quantities (labels, masks, weights) have the
   leading shape (...).
-* Hard labels are integers; 255 (`ignore_index`) marks unlabelled pixels.
-  Labels outside [0, C) are treated like `ignore_index` (the data layer is
-  responsible for validating label maps; a loss cannot raise inside `jit`).
+* Hard labels are integers; `IGNORE_LABEL` (255, the default `ignore_index`)
+  marks unlabelled pixels. Labels outside [0, C) are treated like
+  `ignore_index` (the data layer is responsible for validating label maps; a
+  loss cannot raise inside `jit`).
 * Reductions are "sum over classes, mean over the contributing pixels". When
   no pixel contributes the loss is 0 (not NaN), so a batch whose pseudo-labels
   are all ignored leaves the parameters unchanged.
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
+from jaxda.types import IGNORE_LABEL
 
 GanMode = Literal["vanilla", "ls"]
 ApplyTo = Literal["labeled", "all"]
@@ -95,7 +96,7 @@ def softmax_cross_entropy(
     *,
     logits: jax.Array,
     labels: jax.Array,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_LABEL,
     weights: jax.Array | None = None,
 ) -> jax.Array:
   """Softmax cross-entropy with an ignore label (`CrossEntropy2d`, §4.2).
@@ -387,7 +388,7 @@ def tpld_bootstrap_loss(
     apply_to: ApplyTo = "labeled",
     stop_gradient_prediction: bool = True,
     weights: jax.Array | None = None,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_LABEL,
 ) -> jax.Array:
   """TPLD bootstrapped self-training loss (Eq. 3, SECONDARY transcription).
 
@@ -439,7 +440,7 @@ def soft_bootstrap_loss(
     apply_to: ApplyTo = "labeled",
     stop_gradient_prediction: bool = True,
     weights: jax.Array | None = None,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_LABEL,
 ) -> jax.Array:
   """Reed et al. (2014) soft bootstrapping.
 
@@ -480,7 +481,7 @@ def hard_bootstrap_loss(
     beta: jax.Array | float = 0.8,
     apply_to: ApplyTo = "labeled",
     weights: jax.Array | None = None,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_LABEL,
 ) -> jax.Array:
   """Reed et al. (2014) hard bootstrapping.
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
+from jaxda.types import IGNORE_LABEL
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"))
@@ -26,7 +26,7 @@ def confusion_matrix(
     predictions: jax.Array,
     labels: jax.Array,
     num_classes: int,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_LABEL,
 ) -> jax.Array:
   """Counts (ground truth, prediction) pairs.
 

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxda.data import pipeline
+from jaxda import types
 
 DATA_AXIS = "data"
 
@@ -158,7 +158,7 @@ def is_main_process() -> bool:
 #
 # Every process runs the same program on its own share of the data: training
 # batches, evaluation and pseudo-labelling passes read only the contiguous
-# slice ``pipeline.shard_for_process`` gives it, and each jitted step sees the
+# slice ``shard_for_process`` gives it, and each jitted step sees the
 # global batch (``shard_batch``). Host-side results that every process needs
 # (pseudo-labels, image confidences) are gathered with ``process_allgather``;
 # everything else (metrics, confusion matrices, threshold histograms) comes
@@ -241,10 +241,31 @@ def initialize_distributed(config: Any) -> bool:
   return True
 
 
+def shard_for_process(n: int, process_index: int,
+                      process_count: int) -> slice:
+  """The contiguous slice of ``n`` examples owned by one host process.
+
+  Shards differ in size by at most one and together cover range(n) once,
+  like ``tfds.even_splits``.
+
+  Args:
+    n: number of examples.
+    process_index: this process, in [0, process_count).
+    process_count: number of processes.
+
+  Returns:
+    slice(start, stop).
+  """
+  if process_count < 1 or not 0 <= process_index < process_count or n < 0:
+    raise ValueError(f"bad shard request: n={n}, process_index="
+                     f"{process_index}, process_count={process_count}")
+  return slice(n * process_index // process_count,
+               n * (process_index + 1) // process_count)
+
+
 def process_shard(n: int) -> slice:
   """The contiguous rows of an ``n``-row split this process reads."""
-  return pipeline.shard_for_process(n, jax.process_index(),
-                                    jax.process_count())
+  return shard_for_process(n, jax.process_index(), jax.process_count())
 
 
 def process_seed(seed: int) -> int:
@@ -293,7 +314,7 @@ def gather_process_rows(rows: np.ndarray, n: int) -> np.ndarray:
   count = jax.process_count()
   if count == 1:
     return rows
-  shards = [pipeline.shard_for_process(n, p, count) for p in range(count)]
+  shards = [shard_for_process(n, p, count) for p in range(count)]
   longest = max(s.stop - s.start for s in shards)
   # process_allgather needs one shape everywhere: pad to the longest shard.
   padded = np.zeros((longest,) + rows.shape[1:], rows.dtype)
@@ -318,8 +339,7 @@ def local_rows(x: jax.Array, mesh: jax.sharding.Mesh) -> np.ndarray:
 
 def process_eval_batches(images: np.ndarray, labels: np.ndarray | None, *,
                          global_batch_size: int, mode: str,
-                         offset: int = 0,
-                         make_batches: Callable | None = None) -> Any:
+                         make_batches: Callable, offset: int = 0) -> Any:
   """In-order eval batches of this process's rows, as many on every process.
 
   Each process passes only the rows it owns (``process_shard``); batches
@@ -330,14 +350,14 @@ def process_eval_batches(images: np.ndarray, labels: np.ndarray | None, *,
   names the row of the whole split; padding rows have ``mask`` False.
 
   ``make_batches(images, labels, batch_size=, mode=)`` builds this
-  process's batches (default ``pipeline.eval_batches``; full-resolution
-  evaluation passes one whose labels keep their own size).
+  process's batches (``data.pipeline.eval_batches``; full-resolution
+  evaluation passes one whose labels keep their own size). It is an
+  argument because this module imports no data code.
 
   Yields:
-    dicts as ``pipeline.eval_batches``: 'image' (B/P, H, W, 3), 'label' if
-    given, 'index' (B/P,), 'mask' (B/P,).
+    dicts as ``make_batches``: 'image' (B/P, H, W, 3), 'label' if given,
+    'index' (B/P,), 'mask' (B/P,).
   """
-  make_batches = make_batches or pipeline.eval_batches
   bs = local_batch_size(global_batch_size)
   steps = max_over_processes(-(-len(images) // bs))
   done = 0
@@ -350,7 +370,8 @@ def process_eval_batches(images: np.ndarray, labels: np.ndarray | None, *,
   for _ in range(done, steps):
     batch = {"image": np.zeros((bs, h, w, 3), np.float32)}
     if labels is not None:
-      batch["label"] = np.full((bs,) + labels.shape[1:], 255, np.int32)
+      batch["label"] = np.full((bs,) + labels.shape[1:],
+                               types.IGNORE_LABEL, np.int32)
     batch["index"] = np.full((bs,), -1, np.int32)
     batch["mask"] = np.zeros((bs,), bool)
     yield batch

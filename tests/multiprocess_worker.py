@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from experiments.configs import tpld as tpld_cfg  # pylint: disable=g-import-not-at-top
+from jaxda import methods  # pylint: disable=g-import-not-at-top
 from jaxda import parallel  # pylint: disable=g-import-not-at-top
 from jaxda.methods.self_training import rounds as self_training  # pylint: disable=g-import-not-at-top
 from jaxda.train import loop as train_loop  # pylint: disable=g-import-not-at-top
@@ -83,7 +84,7 @@ def reference_batches(run, data, num_processes=2):
     for role, seed in (("source", config.seed * 2 + 1),
                        ("target", config.seed * 2 + 2)):
       domain = run.data[f"{role}_train"]
-      rows = pipeline.shard_for_process(len(domain.images), p, num_processes)
+      rows = parallel.shard_for_process(len(domain.images), p, num_processes)
       per_role[role] = pipeline.train_batches(
           domain.images[rows],
           None if domain.labels is None else domain.labels[rows],
@@ -135,7 +136,7 @@ def main(argv):
     return gather(rows, n)
 
   parallel.gather_process_rows = recording_gather
-  run = train_loop.setup(config, workdir)
+  run = train_loop.setup(config, workdir, methods.get_method(config.method))
   try:
     state, data, init = label_and_train(
         run, process_batches if int(num) else reference_batches)

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from experiments.configs import anchor as anchor_cfg
-from jaxda.methods.anchor import driver
-from jaxda.tasks import depth_math as depth_estimation
+from jaxda.methods.anchor import headfreeze
+from jaxda.tasks import depth as depth_task
 from jaxda import models
 from jaxda import optim
 from jaxda import state as state_lib
 from jaxda.data import pipeline
 from jaxda.data.embedded import synthetic
-from jaxda.methods.anchor import step as anchor
+from jaxda.methods.anchor import multitask_step as anchor
 from jaxda.methods import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,25 +125,25 @@ def test_log_depth_l1_loss_matches_numpy():
   pred_log = np.log(pred) + rng.normal(0, 0.1, pred.shape).astype(np.float32)
   m = gt > 0
   expected = np.abs(pred_log[m] - np.log(gt[m])).mean()
-  got = depth_estimation.log_depth_l1_loss(jnp.asarray(pred_log),
+  got = depth_task.log_depth_l1_loss(jnp.asarray(pred_log),
                                            jnp.asarray(gt))
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
   # No valid pixel: 0, and a finite gradient.
   zero = jnp.zeros_like(jnp.asarray(gt))
-  assert float(depth_estimation.log_depth_l1_loss(jnp.asarray(pred_log),
+  assert float(depth_task.log_depth_l1_loss(jnp.asarray(pred_log),
                                                   zero)) == 0.0
-  g = jax.grad(depth_estimation.log_depth_l1_loss)(jnp.asarray(pred_log), zero)
+  g = jax.grad(depth_task.log_depth_l1_loss)(jnp.asarray(pred_log), zero)
   chex.assert_tree_all_finite(g)
 
 
 def test_depth_metrics_match_numpy_over_batches():
   rng = np.random.default_rng(1)
   batches = [_random_depth(rng, (2, 6, 8)) for _ in range(3)]
-  sums = {k: 0.0 for k in depth_estimation.SUM_KEYS}
+  sums = {k: 0.0 for k in depth_task.SUM_KEYS}
   for pred, gt in batches:
-    s = depth_estimation.metric_sums(jnp.asarray(pred), jnp.asarray(gt))
+    s = depth_task.metric_sums(jnp.asarray(pred), jnp.asarray(gt))
     sums = {k: sums[k] + float(s[k]) for k in sums}
-  got = depth_estimation.metrics_from_sums(sums)
+  got = depth_task.metrics_from_sums(sums)
   # Reference: every valid pixel of every batch, pooled.
   pred = np.concatenate([p[g > 0] for p, g in batches]).astype(np.float64)
   gt = np.concatenate([g[g > 0] for _, g in batches]).astype(np.float64)
@@ -161,19 +161,19 @@ def test_depth_metrics_match_numpy_over_batches():
     np.testing.assert_allclose(got[k], v, rtol=2e-5, err_msg=k)
   assert got["num_pixels"] == len(gt)
   # Perfect prediction and the empty set.
-  s = depth_estimation.metric_sums(jnp.asarray(batches[0][1] + 0.0),
+  s = depth_task.metric_sums(jnp.asarray(batches[0][1] + 0.0),
                                    jnp.asarray(batches[0][1]))
-  perfect = depth_estimation.metrics_from_sums(
+  perfect = depth_task.metrics_from_sums(
       {k: float(v) for k, v in s.items()})
   assert perfect["abs_rel"] == 0.0 and perfect["delta1"] == 1.0
-  empty = depth_estimation.metrics_from_sums(
-      {k: 0.0 for k in depth_estimation.SUM_KEYS})
+  empty = depth_task.metrics_from_sums(
+      {k: 0.0 for k in depth_task.SUM_KEYS})
   assert np.isnan(empty["abs_rel"]) and empty["num_pixels"] == 0
 
 
 def test_predicted_depth_clips():
   x = jnp.asarray([[-20.0, 0.0, 1.0, 10.0]])
-  d = depth_estimation.predicted_depth(x, min_depth=1e-3, max_depth=40.0)
+  d = depth_task.predicted_depth(x, min_depth=1e-3, max_depth=40.0)
   np.testing.assert_allclose(d, [[1e-3, 1.0, np.e, 40.0]], rtol=1e-6)
 
 
@@ -217,7 +217,7 @@ def _phase2_tx(late):
 
 def test_every_parameter_labelled_late_frozen():
   params = _init(_net())["params"]
-  late = models.multitask_late_param_regexes
+  late = tuple(anchor_cfg.get_config().anchor.late_regexes)
   _, labels_fn = _phase2_tx(late)
   labels = labels_fn(params)
   flat = jax.tree_util.tree_flatten_with_path(labels)[0]
@@ -289,7 +289,7 @@ def _split(tree, regexes):
 def test_headfreeze_frozen_bit_identical_trainable_change():
   # The split includes layer4 so that frozen BatchNorm statistics are tested
   # too (decoder and heads have none).
-  late = ("^encoder/layer4/", *models.multitask_late_param_regexes)
+  late = ("^encoder/layer4/", *anchor_cfg.get_config().anchor.late_regexes)
   state, step = _setup("mtl_a,tiny", late)
   new = state
   for i in range(3):
@@ -323,7 +323,7 @@ def test_headfreeze_frozen_bit_identical_trainable_change():
 
 
 def test_loss_is_weighted_sum_and_variants_read_what_they_need():
-  late = models.multitask_late_param_regexes
+  late = tuple(anchor_cfg.get_config().anchor.late_regexes)
   # MTL-a (all three terms) is checked in the HeadFreeze test.
   for variant, expected_terms in (
       ("mtl_src", {"source_main", "source_anchor"}),
@@ -340,7 +340,7 @@ def test_loss_is_weighted_sum_and_variants_read_what_they_need():
 
 
 def test_adversarial_option_trains_discriminator():
-  late = models.multitask_late_param_regexes
+  late = tuple(anchor_cfg.get_config().anchor.late_regexes)
   state, step = _setup("mtl_a,tiny", late, lambda_adv=0.01)
   new, m = step(state, _batch(0), jax.random.key(0))
   assert np.isfinite(float(m["adv"])) and np.isfinite(float(m["disc"]))
@@ -400,10 +400,10 @@ def test_resume_inside_phase2_restores_phase2_optimiser(tmp_path):
   config = anchor_cfg.get_config("tiny")
   config.source.data_dir = config.target.data_dir = str(tmp_path / "cache")
   config.num_devices = 1
-  arun = driver.setup(config, str(tmp_path / "run"))
+  arun = headfreeze.setup(config, str(tmp_path / "run"))
   try:
-    state = driver.create_state(arun)
-    phase2 = driver.to_phase2(arun, state)
+    state = headfreeze.create_state(arun)
+    phase2 = headfreeze.to_phase2(arun, state)
     # The phase-2 optimiser state differs in structure from phase 1's.
     assert (jax.tree.structure(phase2.opt_state)
             != jax.tree.structure(state.opt_state))
@@ -411,7 +411,7 @@ def test_resume_inside_phase2_restores_phase2_optimiser(tmp_path):
     arun.run.checkpointer.save(n1, state)
     arun.run.checkpointer.save(n1 + 1, phase2.replace(step=phase2.step + 1))
     arun.run.checkpointer.wait()
-    restored, step = driver.init_or_restore(arun)
+    restored, step = headfreeze.init_or_restore(arun)
     assert step == n1 + 1
     chex.assert_trees_all_equal(restored.opt_state, phase2.opt_state)
     chex.assert_trees_all_equal(restored.params, state.params)
@@ -434,7 +434,7 @@ def test_phase2_carries_early_moments_only():
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, params)
   for _ in range(3):
     _, state1 = tx1.update(grads, state1, params)
-  carried = driver._carry_moments(tx2.init(params), state1)  # pylint: disable=protected-access
+  carried = headfreeze._carry_moments(tx2.init(params), state1)  # pylint: disable=protected-access
   flat1 = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
            jax.tree_util.tree_flatten_with_path(state1)[0]}
   flat2 = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
@@ -455,12 +455,12 @@ def test_default_headfreeze_phase1_is_the_mtl_run():
   """Default HeadFreeze = the MTL-a run's exact schedule, then extra steps."""
   both = anchor_cfg.get_config("mtl_a")
   mtl = anchor_cfg.get_config("mtl_a,no_freeze")
-  n1 = driver.phase1_steps(both)
+  n1 = headfreeze.phase1_steps(both)
   assert n1 == mtl.num_steps < both.num_steps
-  assert driver.phase1_schedule_steps(both) == n1
-  assert driver.phase1_schedule_steps(mtl) == mtl.num_steps
+  assert headfreeze.phase1_schedule_steps(both) == n1
+  assert headfreeze.phase1_schedule_steps(mtl) == mtl.num_steps
   # A negative phase-2 LR continues one schedule over both phases.
   both.anchor.phase2_learning_rate = -1.0
-  assert driver.phase1_schedule_steps(both) == both.num_steps
+  assert headfreeze.phase1_schedule_steps(both) == both.num_steps
   both.optim.schedule_steps = 77
-  assert driver.phase1_schedule_steps(both) == 77
+  assert headfreeze.phase1_schedule_steps(both) == 77

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import classification_common
-from jaxda.tasks import classification_eval
+from jaxda import methods
+from jaxda.tasks import classification as classification_task
 from jaxda import models as models_lib
 from jaxda.train import loop as train_loop
 from jaxda.data.embedded import digits
@@ -107,7 +108,7 @@ def test_classifier_shapes(name, size, fmap):
 
 def test_summarize_confusion_and_masked_confusion():
   confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 4]])
-  result = classification_eval.summarize_confusion(confusion, "abc")
+  result = classification_task.summarize_confusion(confusion, "abc")
   assert result["accuracy"] == pytest.approx(7 / 10)
   assert result["per_class_accuracy"] == {"a": 0.75, "b": None,
                                           "c": pytest.approx(4 / 6)}
@@ -117,7 +118,7 @@ def test_summarize_confusion_and_masked_confusion():
     del state
     return jax.nn.one_hot(images[:, 0, 0, 0].astype(jnp.int32), 3)
 
-  fn = classification_eval.make_confusion_fn(predict, 3)
+  fn = classification_task.make_confusion_fn(predict, 3)
   images = jnp.zeros((4, 2, 2, 3)).at[:, 0, 0, 0].set(
       jnp.array([0, 2, 1, 1]))
   cm = fn(None, {"image": images, "label": jnp.array([0, 1, 1, 2]),
@@ -136,8 +137,8 @@ def _tiny_config(method, cache_dir):
 
 @pytest.mark.parametrize("method", ["source_only_cls", "oracle_cls", "dann"])
 def test_shared_loop_trains_classification(tmp_path, cache_dir, method):
-  summary = train_loop.train_and_evaluate(_tiny_config(method, cache_dir),
-                                          str(tmp_path))
+  summary = methods.train_and_evaluate(_tiny_config(method, cache_dir),
+                                       str(tmp_path))
   assert summary["method"] == method and summary["steps"] == 4
   target = summary["target"]
   assert 0.0 <= target["accuracy"] <= 1.0
@@ -151,7 +152,7 @@ def test_shared_loop_trains_classification(tmp_path, cache_dir, method):
 def test_config_task_mismatch_is_a_config_error(cache_dir):
   config = _tiny_config("adaptsegnet", cache_dir)
   with pytest.raises(train_loop.ConfigError, match="classification method"):
-    train_loop.validate_config(config)
+    train_loop.validate_config(config, methods.get_method(config.method))
 
 
 def test_tada_cli_end_to_end_and_resume(tmp_path, cache_dir):

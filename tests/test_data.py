@@ -7,9 +7,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from jaxda import parallel
+from jaxda import visualize
 from jaxda.data import errors
 from jaxda.data.readers import folder
 from jaxda.data import pipeline
+from jaxda.data import registry
+from jaxda.data.embedded import digits
 from jaxda.data.embedded import synthetic
 
 H, W = 32, 64  # Small scenes keep the whole file fast.
@@ -108,7 +112,7 @@ def test_generate_rejects_bad_arguments():
 
 def test_colorize_uses_palette_and_blackens_ignore():
   labels = np.array([[0, 3], [255, 9]], np.uint8)
-  rgb = synthetic.colorize(labels)
+  rgb = visualize.colorize(labels, synthetic.PALETTE)
   np.testing.assert_array_equal(rgb[0, 0], [128, 64, 128])
   np.testing.assert_array_equal(rgb[0, 1], [70, 130, 180])
   np.testing.assert_array_equal(rgb[1, 0], [0, 0, 0])
@@ -322,6 +326,33 @@ def test_export_synthetic_benchmark(tmp_path, scenes):
 # ----------------------------------------------------------------------------
 
 
+def test_registry_is_the_one_name_table(tmp_path):
+  assert registry.names()[:2] == ('synthetic', 'folder')
+  assert set(registry.DATASETS) >= {'gta5', 'cityscapes', 'usps',
+                                    *digits.DOMAINS}
+  for entry in registry.DATASETS.values():
+    assert entry.label_kind in registry.LABEL_KINDS
+    assert (entry.open is None) != (entry.load is None)
+  assert registry.DATASETS['gta5'].label_kind == 'dense'
+  assert registry.DATASETS['office31'].label_kind == 'per_image'
+  assert registry.lookup('office31:amazon') == (registry.DATASETS['office31'],
+                                                'amazon')
+  # 'mnist' without idx files in data_dir is the embedded subset.
+  assert registry.lookup('mnist', str(tmp_path))[0].name == 'mnist'
+  assert not pipeline.real_dataset('mnist', str(tmp_path))
+  assert pipeline.real_dataset('cityscapes16')
+  with pytest.raises(errors.DataError, match='unknown data set'):
+    registry.lookup('gta5:extra')
+  # Every file reader names its directory when it is missing.
+  missing = str(tmp_path / 'missing')
+  for name, entry in registry.DATASETS.items():
+    if entry.reads_files:
+      with pytest.raises(errors.DataError, match='missing|needs'):
+        entry.open_split(missing, 'train', 'amazon')
+      with pytest.raises(errors.DataError, match='local directory'):
+        pipeline.load_domain(name + (':amazon' if entry.takes_domain else ''))
+
+
 def test_load_domain_dispatch(tmp_path):
   with pytest.raises(errors.DataError, match="'synthetic', 'folder'"):
     pipeline.load_domain('gta6', data_dir=tmp_path)
@@ -482,10 +513,10 @@ def test_eval_batches_pad_and_mask():
 
 def test_shard_for_process_covers_once():
   for n, count in ((10, 3), (7, 8), (0, 2), (16, 4)):
-    slices = [pipeline.shard_for_process(n, i, count) for i in range(count)]
+    slices = [parallel.shard_for_process(n, i, count) for i in range(count)]
     covered = np.concatenate([np.arange(n)[s] for s in slices])
     np.testing.assert_array_equal(covered, np.arange(n))
     sizes = [len(range(n)[s]) for s in slices]
     assert max(sizes) - min(sizes) <= 1
   with pytest.raises(ValueError):
-    pipeline.shard_for_process(10, 3, 3)
+    parallel.shard_for_process(10, 3, 3)

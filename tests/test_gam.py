@@ -24,9 +24,9 @@ from jaxda import optim
 from jaxda import parallel
 from jaxda import state as state_lib
 from jaxda.methods import base
-from jaxda.methods.gam import step as gam_method
-from jaxda.models import activation_discriminator
-from jaxda.models import activation_taps
+from jaxda.methods.gam import activation_step as gam_method
+from jaxda.methods.gam import activation_discriminator
+from jaxda.methods.gam import taps as activation_taps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
@@ -271,7 +271,7 @@ def _gam_setup(variant="tiny"):
       tx=tx, disc_params=disc_params, disc_tx=disc_tx).replace(
           source=jax.tree.map(jnp.copy, {"params": variables["params"],
                                          "batch_stats": model_stats}))
-  step = gam_method.GAM.make_step(base.Models(taps, disc), config, tx,
+  step = gam_method.make_step(base.Models(taps, disc), config, tx,
                                   disc_tx)
   return state, step
 

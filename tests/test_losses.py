@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from jaxda import losses
+from jaxda import types
 
-IGNORE = 255
+IGNORE = types.IGNORE_LABEL
 B, H, W, C = 2, 3, 5, 7
 
 

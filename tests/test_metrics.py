@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from jaxda import metrics
+from jaxda import types
 
-IGNORE = 255
+IGNORE = types.IGNORE_LABEL
 
 
 def np_confusion(pred, labels, num_classes):

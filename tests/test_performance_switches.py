@@ -12,7 +12,7 @@
   from fusing a residual chain into every later step;
 * the `grad_norm` metric covers the trained parameters only, so XLA drops
   the frozen BatchNorm gradients;
-* `train_loop.run_steps` reads no array back to the host except at logging
+* `loop.run_steps` reads no array back to the host except at logging
   and checkpoint steps (reads counted; `transfer_guard` is a no-op on CPU).
 """
 
@@ -26,7 +26,9 @@ from experiments.configs import adaptsegnet as adaptsegnet_config
 from jaxda import models
 from jaxda import parallel
 from jaxda.train import loop as train_loop
+from jaxda import methods
 from jaxda.methods import base
+from jaxda.models import forward
 from jaxda.models.kernels import conv as conv_lib
 from jaxda.models.kernels import matmul as matmul_lib
 
@@ -287,7 +289,7 @@ def _tiny_step(compute_dtype='float32', remat=False, bn_mode='train',
   config.model.remat = remat
   config.model.bn_mode = bn_mode
   num_classes = 5
-  precision = train_loop.precision_options(config)
+  precision = forward.precision_options(config)
   from jaxda import models as models_lib  # pylint: disable=g-import-not-at-top
   from jaxda import optim  # pylint: disable=g-import-not-at-top
   from jaxda import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -557,7 +559,8 @@ def _tiny_run(tmp_path, log_every):
   config.checkpoint_every = 1000
   config.source.data_dir = str(tmp_path / 'cache')
   config.target.data_dir = str(tmp_path / 'cache')
-  run = train_loop.setup(config, str(tmp_path / 'work'))
+  run = train_loop.setup(config, str(tmp_path / 'work'),
+                         methods.get_method(config.method))
   state = train_loop.create_state(run)
   return run, state, train_loop.compile_step(run)
 

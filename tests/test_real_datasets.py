@@ -23,8 +23,9 @@ from PIL import Image
 import pytest
 
 from experiments.configs import source_only
+from jaxda import parallel
 from jaxda.tasks import full_resolution
-from jaxda.train import loop as train_loop
+from jaxda import methods
 from jaxda.data import augment
 from jaxda.data.readers import cityscapes
 from jaxda.data.readers import digit_files
@@ -32,7 +33,7 @@ from jaxda.data import errors
 from jaxda.data.readers import gta5
 from jaxda.data.readers import office
 from jaxda.data import pipeline
-from jaxda.data.readers import common as sources
+from jaxda.data.readers import common
 from jaxda.data.readers import synthia
 from jaxda.data import tables
 from jaxda.methods import base
@@ -272,12 +273,12 @@ def test_read_id_map_keeps_16_bits(tmp_path):
     arr[:, 0, 0] = rng.integers(0, 256, 7)
     path = str(tmp_path / f'{channels}.png')
     _png16(path, arr)
-    np.testing.assert_array_equal(sources.read_id_map(path),
+    np.testing.assert_array_equal(common.read_id_map(path),
                                   arr[..., 0].astype(np.int32))
   # 8-bit labels: the first channel (palette index for mode P).
   Image.fromarray(arr[..., 0].astype(np.uint8), mode='L').save(
       str(tmp_path / 'l.png'))
-  np.testing.assert_array_equal(sources.read_id_map(str(tmp_path / 'l.png')),
+  np.testing.assert_array_equal(common.read_id_map(str(tmp_path / 'l.png')),
                                 arr[..., 0].astype(np.uint8))
 
 
@@ -354,7 +355,7 @@ def test_cityscapes_reader(tmp_path):
   train = cityscapes.Cityscapes(root, 'train')
   assert not train.has_labels and 'label' not in train[0]
   with pytest.raises(errors.DataError, match='labels are required'):
-    sources.load_domain('cityscapes', data_dir=root, split='train')
+    pipeline.load_domain('cityscapes', data_dir=root, split='train')
   with pytest.raises(errors.DataError,
                      match=r'leftImg8bit/test.*leftImg8bit/<split>/<city>'):
     cityscapes.Cityscapes(root, 'test')
@@ -510,7 +511,7 @@ def test_lazy_domain_batches_equal_in_memory(tmp_path):
   np.testing.assert_array_equal(domain.labels[[4, 0]], labels[[4, 0]])
   np.testing.assert_array_equal(domain.images[1:4][1], images[2])
   # Per-process sharding slices the file list without decoding anything.
-  share = domain.images[pipeline.shard_for_process(5, 1, 2)]
+  share = domain.images[parallel.shard_for_process(5, 1, 2)]
   assert getattr(share, 'is_lazy_source', False) and len(share) == 3
   np.testing.assert_array_equal(np.asarray(share), images[2:5])
   lazy = pipeline.train_batches(domain.images, domain.labels, batch_size=3,
@@ -679,8 +680,8 @@ def test_tfds_builder_without_tensorflow(tmp_path):
   from jaxda.data import tfds_builders  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(11)
   images, ids = _make_gta5(str(tmp_path / 'gta'), rng, n=2)
-  builder = tfds_builders.Gta5(data_dir=str(tmp_path / 'tfds'),
-                               file_format='array_record')
+  builder = tfds_builders.builder('gta5', data_dir=str(tmp_path / 'tfds'),
+                                  file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(tmp_path / 'gta')))
   source = builder.as_data_source()['train']
@@ -689,6 +690,30 @@ def test_tfds_builder_without_tensorflow(tmp_path):
   for i in range(2):
     np.testing.assert_array_equal(got[i]['image'], images[i])
     np.testing.assert_array_equal(got[i]['label'], _official_train_id(ids[i]))
+  # A classification reader through the same registry-made builder: both
+  # splits, integer labels.
+  mnist_dir = str(tmp_path / 'mnist')
+  os.makedirs(mnist_dir)
+  x = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+  y = np.array([4, 0, 9], np.uint8)
+  _idx(os.path.join(mnist_dir, 'train-images-idx3-ubyte'), x, 2051)
+  _idx(os.path.join(mnist_dir, 'train-labels-idx1-ubyte'), y, 2049)
+  _idx(os.path.join(mnist_dir, 't10k-images-idx3-ubyte'), x[:1], 2051)
+  _idx(os.path.join(mnist_dir, 't10k-labels-idx1-ubyte'), y[:1], 2049)
+  builder = tfds_builders.builder('mnist_files',
+                                  data_dir=str(tmp_path / 'tfds'))
+  assert builder.name == 'jaxda_mnist_files'
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=mnist_dir))
+  splits = builder.as_data_source()
+  assert sorted(splits) == ['train', 'validation']
+  assert len(splits['validation']) == 1
+  got = sorted((splits['train'][i] for i in range(3)),
+               key=lambda e: int(e['id']))
+  np.testing.assert_array_equal([e['label'] for e in got], y)
+  np.testing.assert_array_equal(got[2]['image'][..., 0], x[2])
+  with pytest.raises(errors.DataError, match='no TFDS builder'):
+    tfds_builders.builder('synthetic')
 
 
 def test_train_gta5_to_cityscapes_layout(tmp_path, monkeypatch):
@@ -722,7 +747,7 @@ def test_train_gta5_to_cityscapes_layout(tmp_path, monkeypatch):
   config.data.crop_height, config.data.crop_width = 32, 48
   config.data.scale_min, config.data.scale_max = 0.8, 1.2
   config.data.flip = True
-  summary = train_loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  summary = methods.train_and_evaluate(config, str(tmp_path / 'run'))
   target = summary['target']
   assert target['num_images'] == 3
   with open(tmp_path / 'run' / 'summary.json') as f:

@@ -13,7 +13,7 @@ from jaxda.methods import tada_attention as attention
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda import state as state_lib
-from jaxda.methods import classification
+from jaxda.methods import classification_steps as classification
 from jaxda.methods import dann
 from jaxda.methods import tada
 
@@ -153,11 +153,11 @@ def _tiny_setup(method, **tada_overrides):
   config.num_steps = 10
   for key, value in tada_overrides.items():
     config.tada[key] = value
-  from jaxda.tasks import classification as classification_run  # pylint: disable=g-import-not-at-top
+  from jaxda.tasks import classification as classification_task  # pylint: disable=g-import-not-at-top
   from jaxda.methods import get_method  # pylint: disable=g-import-not-at-top
-  built = classification_run.build(config, get_method(method), 10)
-  params, stats, disc_params = classification_run.init_variables(
-      built["models"], config, jax.random.key(0))
+  built = classification_task.build_models(config, get_method(method), 10)
+  params, stats, disc_params = classification_task.init_params(
+      built["models"], config, jax.random.key(0), get_method(method))
   state = state_lib.TrainState.create(
       params=params, batch_stats=stats, tx=built["tx"],
       disc_params=disc_params, disc_tx=built["disc_tx"])
@@ -260,10 +260,10 @@ def test_dann_discriminator_on_pooled_features():
       classification_common.get_base_config(), "tiny")
   config.method = "dann"
   config.adversarial.dann_features = "pooled"
-  from jaxda.tasks import classification as classification_run  # pylint: disable=g-import-not-at-top
-  built = classification_run.build(config, dann.DANN, 10)
-  params, stats, disc_params = classification_run.init_variables(
-      built["models"], config, jax.random.key(0))
+  from jaxda.tasks import classification as classification_task  # pylint: disable=g-import-not-at-top
+  built = classification_task.build_models(config, dann.DANN, 10)
+  params, stats, disc_params = classification_task.init_params(
+      built["models"], config, jax.random.key(0), dann.DANN)
   chex.assert_shape(disc_params["global"]["dense0"]["kernel"],
                     (7 * 7 * 64, 16))
   state = state_lib.TrainState.create(

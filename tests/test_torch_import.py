@@ -33,7 +33,7 @@ from benchmarks.torch_reference import vgg16 as torch_vgg
 from jaxda import checkpoint as checkpoint_lib
 from jaxda import models
 from jaxda import state as state_lib
-from jaxda.train import loop as train_loop
+from jaxda.train import init_weights
 from jaxda.models import vgg
 from jaxda.weights import torch_import
 
@@ -332,7 +332,7 @@ def test_cli_round_trip_and_init_weights(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, saved[what], expected[what])
 
   # Loaded as config.model.init_weights: backbone from the file, heads and
-  # optimiser state fresh. (A stand-in `run`: `train_loop.create_state`
+  # optimiser state fresh. (A stand-in `run`: `loop.create_state`
   # costs ~1 min on a loaded 2-core machine.)
   model = models.create_segmenter('deeplabv2_tiny', 4)
   variables = _random_variables(model)
@@ -342,7 +342,7 @@ def test_cli_round_trip_and_init_weights(tmp_path):
       tx=tx, disc_params={}, disc_tx=None)
   logs = []
   run = types.SimpleNamespace(tx=tx, log=logs.append)
-  loaded = train_loop.load_init_weights(run, state, out)
+  loaded = init_weights.load_init_weights(run, state, out)
   jax.tree.map(np.testing.assert_array_equal, loaded.params['backbone'],
                expected['params']['backbone'])
   jax.tree.map(np.testing.assert_array_equal, loaded.batch_stats,
@@ -358,4 +358,4 @@ def test_cli_round_trip_and_init_weights(tmp_path):
                              batch_stats=wide_vars['batch_stats'])
   with pytest.raises(checkpoint_lib.CheckpointError,
                      match=r'backbone/conv1/kernel.*\(7, 7, 3, 8\)'):
-    train_loop.load_init_weights(run, wide_state, out)
+    init_weights.load_init_weights(run, wide_state, out)

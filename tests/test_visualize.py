@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxda import types
 from jaxda import visualize
 
-IGNORE = 255
+IGNORE = types.IGNORE_LABEL
 NAMES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'light',
          'sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car',
          'truck', 'bus', 'train', 'motorcycle', 'bicycle')

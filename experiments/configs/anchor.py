@@ -90,6 +90,7 @@ def _tiny(c):
 def get_config(variant: str = ""):
   c = common.get_base_config()
   c.method = "anchor"
+  c.task = "depth"  # depth main task + segmentation anchor (jaxda.tasks.depth)
   c.num_steps = _PHASE1_STEPS + _PHASE2_STEPS  # both phases
   c.optim.optimizer = "adam"  # from-scratch multi-task net: Adam is robust
   c.optim.learning_rate = 1e-3  # Adam LR (poly decay over phase 1)

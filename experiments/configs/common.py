@@ -69,6 +69,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.scale_step = 0.0  # scale grid spacing (CRST 0.1); 0 = continuous
   c.data.crop_height = 0  # random crop height after scaling; 0 = no crop
   c.data.crop_width = 0  # random crop width (CRST 1024); 0 = no crop
+  # Host input: batches built ahead by a thread while the step runs (0 =
+  # in the loop), and threads decoding upcoming batches (about host cores - 2
+  # on a GPU/TPU host; benchmarks/input_pipeline.py measures the rate).
+  c.data.prefetch = 2
+  c.data.decode_workers = 1
   c.data.resize_mismatched_labels = False  # real data: resize, not fail
 
   c.model = ml_collections.ConfigDict()

@@ -26,6 +26,8 @@ ImageNet mean / std.
 import numpy as np
 from PIL import Image
 
+from jaxda import types
+
 # Init weights -> `pipeline.normalize` mode.
 NORMALIZATION_FOR_WEIGHTS = {
     'caffe_deeplab': 'caffe_bgr',  # DeepLab_resnet_pretrained_init (Caffe).
@@ -125,9 +127,9 @@ def scale_crop_batches(batches, *, seed, start_step=0, scale_min=1.0,
     batches: iterator of dicts with 'image' float32 (B, H, W, 3) and
       optionally 'label' (B, H, W) and other per-example arrays; those whose
       shape[1:3] is (H, W) are transformed like the label (nearest,
-      padded with 255 if integer, else 0), the rest pass through. Images
-      are resized bilinearly by Pillow (which low-pass filters when it
-      shrinks; CRST's cv2.resize does not).
+      padded with `types.IGNORE_LABEL` if integer, else 0), the rest pass
+      through. Images are resized bilinearly by Pillow (which low-pass
+      filters when it shrinks; CRST's cv2.resize does not).
     seed: non-negative int.
     start_step: the step of the first batch (for resumed runs).
     scale_min: smallest scale factor.
@@ -149,7 +151,8 @@ def scale_crop_batches(batches, *, seed, start_step=0, scale_min=1.0,
     spatial = [k for k, v in batch.items()
                if isinstance(v, np.ndarray) and v.ndim >= 3
                and v.shape[1:3] == (height, width)]
-    fill = {k: (255 if k != 'image' and batch[k].dtype.kind in 'iu' else 0)
+    fill = {k: (types.IGNORE_LABEL
+                if k != 'image' and batch[k].dtype.kind in 'iu' else 0)
             for k in spatial}
     outs = [scale_crop_example({k: batch[k][i] for k in spatial}, scales[i],
                                crop, offsets[i], fill) for i in range(n)]

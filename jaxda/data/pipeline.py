@@ -1,8 +1,9 @@
 """In-memory input pipeline: domain loading, normalisation and batching.
 
 Data sets are small enough for host memory (uint8 arrays), so batching is
-plain NumPy indexing. The real benchmarks (`jaxda.data.sources`) pass lazy
-array views instead, which decode only the rows a batch indexes. Training
+plain NumPy indexing. The real benchmarks (`jaxda.data.readers`) pass lazy
+array views instead, which decode only the rows a batch indexes. Which code
+reads a data set name is looked up in `jaxda.data.registry`. Training
 order is a pure function of (seed, step):
 
 * epoch e visits the images in `np.random.default_rng([seed, e])
@@ -17,26 +18,19 @@ Resuming at step k with `start_step=k` therefore yields exactly the batches
 an uninterrupted run would have seen, with no data-loader state to save.
 """
 
-import dataclasses
-import os
+import collections
+import concurrent.futures
+import queue
+import threading
 
 import numpy as np
 
-from jaxda.data.embedded import digits
+from jaxda import types
 from jaxda.data import errors
-from jaxda.data.readers import folder
-from jaxda.data.embedded import synthetic
+from jaxda.data import registry
 
 DataError = errors.DataError  # Re-exported for callers of this module.
-DOMAIN_NAMES = ('synthetic', 'folder') + digits.DOMAINS
-# Readers of the distributed layouts (jaxda.data.sources); data_dir required.
-REAL_DATASET_NAMES = ('gta5', 'cityscapes', 'cityscapes16', 'synthia',
-                      'office31:<domain>', 'officehome:<domain>',
-                      'mnist (idx files in data_dir)', 'usps', 'svhn')
-DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'jaxda')
-# Synthetic defaults when height / width / num_images are not given.
-SYNTHETIC_SIZE = (64, 128)
-SYNTHETIC_NUM_IMAGES = {'train': 1000, 'val': 200}
+Domain = registry.Domain  # One split in memory (or lazy); see there.
 
 NORMALIZE_MODES = ('unit', 'imagenet', 'caffe_bgr')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, of images scaled to [0, 1].
@@ -48,117 +42,57 @@ _RESERVED_KEYS = ('image', 'label', 'index', 'flipped', 'mask')
 _FLIP_SALT = 0x666C6970  # Keeps flip draws independent of permutations.
 
 
-@dataclasses.dataclass(frozen=True)
-class Domain:
-  """One split of one domain, in memory.
-
-  Attributes:
-    images: uint8 (N, H, W, 3) RGB.
-    labels: uint8 (N, H, W) class ids (255 = ignore), or None; for the
-      classification domains (`digits.DOMAINS`) uint8 (N,) image labels.
-    class_names: tuple of C class names.
-  """
-  images: np.ndarray
-  labels: np.ndarray | None
-  class_names: tuple[str, ...]
-
-
 def load_domain(name, *, role=None, data_dir=None, split='train',
                 height=None, width=None, num_images=None, seed=0,
                 require_labels=True, resize_mismatched_labels=False):
-  """Loads one split of a domain by loader name.
+  """Loads one split of a data set by its config name (`registry`).
 
   Args:
-    name: 'synthetic' (the embedded benchmark of `jaxda.data.synthetic`),
-      'folder' (a directory in the `jaxda.data.folder` layout), a digits
-      domain (`jaxda.data.digits`), or a real data set in its distributed
-      layout at `data_dir` ('gta5', 'cityscapes', 'cityscapes16',
-      'synthia', 'office31:<domain>', 'officehome:<domain>', 'usps',
-      'svhn', 'mnist' with the idx files; `jaxda.data.sources`), returned
-      with lazy `sources.LazyArray` images / labels.
+    name: a `registry` name: 'synthetic' (the embedded benchmark of
+      `embedded.synthetic`), 'folder' (a directory in the `readers.folder`
+      layout), a digits domain (`embedded.digits`), or a real data set in
+      its distributed layout at `data_dir` ('gta5', 'cityscapes',
+      'cityscapes16', 'synthia', 'office31:<domain>', 'officehome:<domain>',
+      'usps', 'svhn', 'mnist' with the idx files), returned with lazy
+      `readers.common.LazyArray` images / labels.
     role: 'source' or 'target'. Required for 'synthetic', where it picks the
       appearance (flat rendered vs. textured camera look); for 'folder' it is
       only named in error messages.
-    data_dir: for 'folder', the data set root (required); for 'synthetic',
-      the cache directory (default `~/.cache/jaxda`).
+    data_dir: for 'folder' and real data sets, the data set root (required);
+      for the embedded benchmarks, the cache directory (default
+      `~/.cache/jaxda`).
     split: 'train' or 'val'.
     height: image height H; synthetic default 64, folder default native.
     width: image width W; synthetic default 128, folder default native.
-    num_images: synthetic only: how many images to generate (default 1000
-      for train, 200 for val). A folder is always read whole (use
-      `folder.read_folder(num_images=...)` directly for a prefix).
-    seed: synthetic generator seed (ignored by 'folder').
-    require_labels: folder: fail if the split has no labels/ folder. The
-      synthetic benchmark always has labels and always returns them; drop
-      them yourself for unsupervised target training.
+    num_images: embedded benchmarks only: how many images to generate
+      (synthetic default 1000 for train, 200 for val). A folder is always
+      read whole (use `folder.read_folder(num_images=...)` directly for a
+      prefix).
+    seed: embedded generators' seed (ignored by files).
+    require_labels: folder / real segmentation: fail if the split has no
+      labels. The synthetic benchmark always has labels and always returns
+      them; drop them yourself for unsupervised target training.
     resize_mismatched_labels: real segmentation data sets: resize a label
       whose size differs from its image instead of failing.
 
   Returns:
-    Domain with images uint8 (N, H, W, 3), labels uint8 (N, H, W) or None
-    and class names.
+    Domain with images uint8 (N, H, W, 3), labels uint8 (N, H, W) (or (N,)
+    for classification) or None, and class names.
 
   Raises:
     DataError: unknown name or role, or any data problem.
   """
-  if name == 'synthetic':
-    if role not in synthetic.DOMAINS:
-      raise errors.DataError(
-          f'loader "synthetic" needs role= one of {synthetic.DOMAINS}, got '
-          f'{role!r}')
-    if split not in synthetic.SPLITS:
-      raise errors.DataError(f'synthetic split {split!r} does not exist: use '
-                             f'one of {synthetic.SPLITS}')
-    height = SYNTHETIC_SIZE[0] if height is None else height
-    width = SYNTHETIC_SIZE[1] if width is None else width
-    if num_images is None:
-      num_images = SYNTHETIC_NUM_IMAGES[split]
-    cache_dir = DEFAULT_CACHE_DIR if data_dir is None else data_dir
-    images, labels = synthetic.load_or_generate(
-        cache_dir, role, split, num_images=num_images, height=height,
-        width=width, seed=seed)
-    return Domain(images, labels, synthetic.CLASS_NAMES)
-  if real_dataset(name, data_dir):
-    # Real benchmarks in their distributed layouts (jaxda.data.sources),
-    # read lazily; num_images and seed do not apply.
-    from jaxda.data.readers import common as sources  # pylint: disable=g-import-not-at-top
-    return sources.load_domain(
-        'mnist_files' if name == 'mnist' else name, data_dir=data_dir,
-        split=split, height=height, width=width,
-        require_labels=require_labels,
-        resize_mismatched_labels=resize_mismatched_labels)
-  if name in digits.DOMAINS:
-    # Classification: (N,) labels; images at (height, width), 28x28 default.
-    cache_dir = DEFAULT_CACHE_DIR if data_dir is None else data_dir
-    images, labels = digits.load_or_generate(
-        cache_dir, name, split, height=height or digits.CANONICAL_SIZE,
-        width=width or digits.CANONICAL_SIZE, seed=seed,
-        num_images=num_images)
-    return Domain(images, labels, digits.CLASS_NAMES)
-  if name == 'folder':
-    if data_dir is None:
-      who = f'the {role} domain' if role else 'loader "folder"'
-      raise errors.DataError(f'{who} needs data_dir= the folder data set '
-                             'root (holding classes.txt)')
-    data = folder.read_folder(data_dir, split, require_labels=require_labels,
-                              height=height, width=width)
-    return Domain(data.images, data.labels, data.class_names)
-  raise errors.DataError(f'unknown domain loader {name!r}: use one of '
-                         f'{DOMAIN_NAMES}, or a real data set: '
-                         f'{REAL_DATASET_NAMES}')
+  entry, domain = registry.lookup(name, data_dir)
+  return entry.load_split(
+      domain, role=role, data_dir=data_dir, split=split, height=height,
+      width=width, num_images=num_images, seed=seed,
+      require_labels=require_labels,
+      resize_mismatched_labels=resize_mismatched_labels)
 
 
 def real_dataset(name, data_dir=None):
-  """True if `name` picks a reader of `jaxda.data.sources` (real files).
-
-  'mnist' means the MNIST idx files when `data_dir` holds them, else the
-  embedded 5,000-image subset.
-  """
-  from jaxda.data.readers import digit_files  # pylint: disable=g-import-not-at-top
-  from jaxda.data.readers import common as sources  # pylint: disable=g-import-not-at-top
-  if name == 'mnist':
-    return digit_files.has_mnist_files(data_dir)
-  return sources.is_source_name(name)
+  """True if `name` picks a reader of real files (`registry.lookup`)."""
+  return registry.lookup(name, data_dir)[0].reads_files
 
 
 def load_depth(name, *, role=None, data_dir=None, split='train', height=None,
@@ -175,22 +109,14 @@ def load_depth(name, *, role=None, data_dir=None, split='train', height=None,
   Raises:
     DataError: the loader has no depth (only 'synthetic' has).
   """
-  if name != 'synthetic':
+  entry, _ = registry.lookup(name, data_dir)
+  if entry.load_depth is None:
     raise errors.DataError(
         f'loader {name!r} has no depth maps; the anchor-task methods need a '
         'main dense task: use the embedded "synthetic" benchmark')
-  if role not in synthetic.DOMAINS or split not in synthetic.SPLITS:
-    raise errors.DataError(
-        f'synthetic depth needs role in {synthetic.DOMAINS} and split in '
-        f'{synthetic.SPLITS}, got {role!r}, {split!r}')
-  height = SYNTHETIC_SIZE[0] if height is None else height
-  width = SYNTHETIC_SIZE[1] if width is None else width
-  if num_images is None:
-    num_images = SYNTHETIC_NUM_IMAGES[split]
-  cache_dir = DEFAULT_CACHE_DIR if data_dir is None else data_dir
-  return synthetic.load_or_generate_depth(
-      cache_dir, role, split, num_images=num_images, height=height,
-      width=width, seed=seed)
+  return entry.load_depth(role=role, data_dir=data_dir, split=split,
+                          height=height, width=width, num_images=num_images,
+                          seed=seed)
 
 
 def normalize(images, mode='unit'):
@@ -239,7 +165,7 @@ def _check_arrays(images, labels, extras):
 
 
 def train_batches(images, labels=None, *, batch_size, seed, start_step=0,
-                  flip=False, mode='unit', extras=None):
+                  flip=False, mode='unit', extras=None, workers=1):
   """Infinite, seeded, resumable stream of training batches.
 
   See the module docstring for the order. Batch `s` depends only on (seed,
@@ -259,6 +185,11 @@ def train_batches(images, labels=None, *, batch_size, seed, start_step=0,
     extras: optional dict of per-example arrays (N, ...) batched alongside,
       e.g. pseudo-labels or weights; an array whose shape[1:3] equals (H, W)
       is treated as spatial and mirrored by `flip`. dtypes are kept.
+    workers: threads building the batches of the next `workers` steps at
+      once (decode, resize, normalise); 1 builds them one by one in the
+      caller. The batches and their order do not depend on it. At batch 1
+      per domain the decode thread pool of `readers.common` has one row to
+      spread, so this is what lets several cores feed one step.
 
   Yields:
     dict with 'image' float32 (B, H, W, 3), 'label' int32 (B, H, W) if
@@ -278,41 +209,126 @@ def train_batches(images, labels=None, *, batch_size, seed, start_step=0,
   spatial = {k for k, v in extras.items()
              if v.ndim >= 3 and v.shape[1:3] == images.shape[1:3]}
 
+  if workers < 1:
+    raise ValueError(f'workers must be >= 1, got {workers}')
+  perms = {}
+  perms_lock = threading.Lock()
+
+  def permutation(e):
+    with perms_lock:
+      if e not in perms:
+        for k in [k for k in perms if k < e - 1]:
+          del perms[k]
+        perms[e] = np.random.default_rng([seed, int(e)]).permutation(n)
+      return perms[e]
+
+  def make_batch(step):
+    pos = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epochs = pos // n
+    idx = np.empty(batch_size, np.int64)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      idx[sel] = permutation(int(e))[pos[sel] % n]
+    image = images[idx]
+    label = None if labels is None else labels[idx]
+    extra = {k: v[idx] for k, v in extras.items()}
+    batch = {}
+    if flip:
+      flipped = np.random.default_rng(
+          [seed, _FLIP_SALT, step]).random(batch_size) < 0.5
+      image[flipped] = image[flipped, :, ::-1]
+      if label is not None and label.ndim == 3:
+        label[flipped] = label[flipped, :, ::-1]
+      for k in spatial:
+        extra[k][flipped] = extra[k][flipped, :, ::-1]
+      batch['flipped'] = flipped
+    batch['image'] = normalize(image, mode)
+    if label is not None:
+      batch['label'] = label.astype(np.int32)
+    batch['index'] = idx.astype(np.int32)
+    batch.update(extra)
+    return batch
+
   def stream():
-    perms = {}
     step = start_step
-    while True:
-      pos = step * batch_size + np.arange(batch_size, dtype=np.int64)
-      epochs = pos // n
-      idx = np.empty(batch_size, np.int64)
-      for e in np.unique(epochs):
-        if e not in perms:
-          perms = {k: v for k, v in perms.items() if k >= e - 1}
-          perms[e] = np.random.default_rng([seed, int(e)]).permutation(n)
-        sel = epochs == e
-        idx[sel] = perms[e][pos[sel] % n]
-      image = images[idx]
-      label = None if labels is None else labels[idx]
-      extra = {k: v[idx] for k, v in extras.items()}
-      batch = {}
-      if flip:
-        flipped = np.random.default_rng(
-            [seed, _FLIP_SALT, step]).random(batch_size) < 0.5
-        image[flipped] = image[flipped, :, ::-1]
-        if label is not None and label.ndim == 3:
-          label[flipped] = label[flipped, :, ::-1]
-        for k in spatial:
-          extra[k][flipped] = extra[k][flipped, :, ::-1]
-        batch['flipped'] = flipped
-      batch['image'] = normalize(image, mode)
-      if label is not None:
-        batch['label'] = label.astype(np.int32)
-      batch['index'] = idx.astype(np.int32)
-      batch.update(extra)
-      yield batch
-      step += 1
+    if workers == 1:
+      while True:
+        yield make_batch(step)
+        step += 1
+    yield from _ordered_map(make_batch, step, workers)
 
   return stream()
+
+
+def _ordered_map(fn, start, workers):
+  """fn(start), fn(start + 1), ... computed `workers` at a time, in order."""
+  pool = concurrent.futures.ThreadPoolExecutor(
+      workers, thread_name_prefix='jaxda-batches')
+  try:
+    pending = collections.deque(
+        pool.submit(fn, start + i) for i in range(workers))
+    step = start + workers
+    while True:
+      value = pending.popleft().result()
+      pending.append(pool.submit(fn, step))
+      step += 1
+      yield value
+  finally:
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def prefetch(iterator, size=2):
+  """Yields `iterator`'s items, produced up to `size` ahead by a thread.
+
+  The training loop's step is dispatched asynchronously, so while the
+  device runs step s this thread already builds the host batch of step
+  s + 1: the device waits on input only if one batch takes longer to build
+  than one step takes to run. Items come in the iterator's order; an
+  exception raised by the iterator is raised here at the item where it
+  occurred. Closing the generator stops the thread (after the item it is
+  building).
+
+  Args:
+    iterator: any iterator (e.g. `train_batches`, or the loop's paired one).
+    size: how many items may wait, built, for the consumer (>= 1).
+  """
+  if size < 1:
+    raise ValueError(f'prefetch size must be >= 1, got {size}')
+  items = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  done = object()
+
+  def put(item):
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def produce():
+    try:
+      for item in iterator:
+        if not put((item, None)):
+          return
+      put((done, None))
+    except BaseException as e:  # pylint: disable=broad-except
+      put((done, e))
+
+  thread = threading.Thread(target=produce, name='jaxda-prefetch',
+                            daemon=True)
+  thread.start()
+  try:
+    while True:
+      item, error = items.get()
+      if item is done:
+        if error is not None:
+          raise error
+        return
+      yield item
+  finally:
+    stop.set()
 
 
 def eval_batches(images, labels=None, *, batch_size, mode='unit'):
@@ -320,7 +336,8 @@ def eval_batches(images, labels=None, *, batch_size, mode='unit'):
 
   The last batch is padded to `batch_size` so every batch has one shape (one
   compilation); padded rows have 'mask' False, 'index' -1, a zero image and
-  label 255 (ignore), so they drop out of masked or ignore-aware metrics.
+  label `types.IGNORE_LABEL`, so they drop out of masked or ignore-aware
+  metrics.
 
   Args:
     images: uint8 (N, H, W, 3).
@@ -357,7 +374,7 @@ def eval_batches(images, labels=None, *, batch_size, mode='unit'):
         label = labels[start:stop].astype(np.int32)
         if pad:
           label = np.concatenate([label, np.full(
-              (pad,) + label.shape[1:], folder.IGNORE_LABEL, np.int32)])
+              (pad,) + label.shape[1:], types.IGNORE_LABEL, np.int32)])
         batch['label'] = label
       batch['index'] = index
       batch['mask'] = mask
@@ -367,32 +384,12 @@ def eval_batches(images, labels=None, *, batch_size, mode='unit'):
 
 
 def _as_array(values):
-  """`np.asarray`, except for the lazy views of `jaxda.data.sources`.
+  """`np.asarray`, except for the lazy views of `readers.common`.
 
-  A `sources.LazyArray` decodes only the rows a batch indexes, so the data
+  A `LazyArray` decodes only the rows a batch indexes, so the data
   set never has to fit in memory.
   """
   if getattr(values, 'is_lazy_source', False):
     return values
   return np.asarray(values)
 
-
-def shard_for_process(n, process_index, process_count):
-  """The contiguous slice of `n` examples owned by one host process.
-
-  Shards differ in size by at most one and together cover range(n) once,
-  like `tfds.even_splits`.
-
-  Args:
-    n: number of examples.
-    process_index: this process, in [0, process_count).
-    process_count: number of processes.
-
-  Returns:
-    slice(start, stop).
-  """
-  if process_count < 1 or not 0 <= process_index < process_count or n < 0:
-    raise ValueError(f'bad shard request: n={n}, process_index='
-                     f'{process_index}, process_count={process_count}')
-  return slice(n * process_index // process_count,
-               n * (process_index + 1) // process_count)

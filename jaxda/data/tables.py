@@ -24,7 +24,7 @@ Sources:
 
 import numpy as np
 
-IGNORE_LABEL = 255
+from jaxda import types
 
 # cityscapesscripts labels.py: (name, id, trainId, colour). trainId 255 and
 # -1 are not evaluated. 'license plate' has id -1: it never occurs in the
@@ -71,7 +71,7 @@ CITYSCAPES_NUM_LABEL_IDS = 34
 
 
 def _train_rows(rows):
-  return sorted((r for r in rows if 0 <= r[2] < IGNORE_LABEL),
+  return sorted((r for r in rows if 0 <= r[2] < types.IGNORE_LABEL),
                 key=lambda r: r[2])
 
 
@@ -80,7 +80,7 @@ CITYSCAPES_PALETTE = np.asarray([r[3] for r in _train_rows(CITYSCAPES_LABELS)],
                                 np.uint8)  # (19, 3) RGB, row = trainId.
 
 
-def _lookup(pairs, size=256, fill=IGNORE_LABEL):
+def _lookup(pairs, size=256, fill=types.IGNORE_LABEL):
   """A uint8 (size,) table: table[a] = b for every (a, b), else `fill`."""
   table = np.full(size, fill, np.uint8)
   for a, b in pairs:
@@ -153,15 +153,3 @@ OFFICEHOME_CLASSES = (
 
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
-
-def labels_to_train_ids(label_ids, table):
-  """Maps an id image through a (256,) lookup table.
-
-  Args:
-    label_ids: integer array (...) of ids in [0, 256).
-    table: uint8 (256,) lookup, e.g. `LABEL_ID_TO_TRAIN_ID`.
-
-  Returns:
-    uint8 array (...) of train ids (255 = ignore).
-  """
-  return np.asarray(table, np.uint8)[np.asarray(label_ids)]

@@ -11,106 +11,81 @@ pseudo labels for self-training). The run loop compiles the step once with
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from jaxda import losses
 from jaxda import models as models_lib
-from jaxda import ops
 from jaxda import optim
+from jaxda.models import forward as forward_lib
+from jaxda.types import StepFn
 
-StepFn = Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-  """The Flax modules a method uses (the only Flax objects it sees)."""
-  segmenter: nn.Module
-  discriminator: nn.Module | None = None
+# Re-exported: every step module builds on these (``jaxda.models.forward``).
+Models = forward_lib.Models
+BN_MODES = forward_lib.BN_MODES
+forward = forward_lib.forward
+upsample_outputs = forward_lib.upsample_outputs
+output_levels = forward_lib.output_levels
+frozen_regexes = models_lib.segmenter_frozen_regexes
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """Registry entry of a training method.
+  """Registry entry of a training method (``jaxda.methods.METHODS``).
 
   Attributes:
     name: registry name, equal to the config's ``method``.
-    make_step: ``make_step(models, config, tx, disc_tx) -> StepFn``.
+    make_step: ``make_step(models, config, tx, disc_tx) -> StepFn``, the
+      step the default loop (and a driver's first phase) runs.
+    task: name of its task in ``jaxda.tasks.TASKS`` (what it predicts and
+      how it is evaluated).
     uses_target_images: the step reads ``batch['target']['image']``.
     uses_source_images: the step reads ``batch['source']``.
     target_labels: ``'none'`` (unsupervised), ``'ground_truth'`` (oracle),
-      or ``'pseudo'`` (self-training supplies them).
-    discriminator_inputs: ``'none'``, ``'softmax'`` or ``'entropy'``;
-      decides whether discriminators are created and what they eat.
+      ``'pseudo'`` (self-training supplies them) or ``'anchor'``.
+    discriminator_inputs: ``'none'`` (no discriminator is built) or what
+      the discriminators eat (``'softmax'``, ``'entropy'``, ``'features'``,
+      ``'activations'``).
+    discriminator_levels: output levels that get a segmentation
+      discriminator; None: every level of the model (``output_levels``).
+    discriminator_features: ``config -> 'bottleneck' | 'pooled'``, the
+      classification features the global discriminator sees; None:
+      ``'bottleneck'``.
+    make_region_discriminators: ``config -> nn.Module | None``, extra
+      per-region discriminators of a classification method (TADA).
+    attention_maps: ``(models, config) -> (fn(state, images) -> (B, h, w),
+      title)``, maps drawn over target images by the task's pictures; None:
+      none.
+    config_problems: ``config -> [message]``, the method's own invalid
+      config values (checked by the loop after the task's).
+    driver: ``(config, workdir, method) -> summary`` of a multi-stage method; None:
+      the default loop (``jaxda.train.loop.train_and_evaluate``).
+    phase_steps: step factories of later phases, by name (TPLD:
+      ``{'phase2': make_phase2_step}``); drivers take them from here.
+    single_process: runs in one process only (whole-split passes).
+    warm_starts_from_source_only: starts from a source-only model of the same
+      seed (``model.init_checkpoint``; trained by its driver when unset).
   """
   name: str
   make_step: Callable[..., StepFn]
+  task: str = "segmentation"
   uses_target_images: bool = True
   uses_source_images: bool = True
   target_labels: str = "none"
   discriminator_inputs: str = "none"
-
-
-def output_levels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """``('main', 'aux')`` for multi-level models, ``('main',)`` otherwise."""
-  return ("main", "aux") if config.model.multi_level else ("main",)
-
-
-BN_MODES = ("frozen", "train", "source")
-
-
-def forward(models: Models, params, batch_stats, images, *, bn_mode: str,
-            labelled: bool, training: bool = True):
-  """Runs the segmenter with the configured BatchNorm behaviour.
-
-  ``bn_mode`` (METHODS.md §3.6):
-    * ``'frozen'``: always the stored running statistics, never updated
-      (CRST; needs pretrained statistics).
-    * ``'train'``: batch statistics in every training pass and running
-      statistics updated by every pass, source and target, in order: the
-      originals' ``model.train()`` (AdaptSegNet, ADVENT, IntraDA).
-    * ``'source'``: batch statistics and updates only in passes over the
-      labelled domain; passes over the unlabelled domain use the running
-      statistics and change nothing. For models trained from scratch (the CPU
-      benchmark): every method then normalises target images identically, so
-      a comparison measures the adaptation loss, not a BatchNorm leak.
-
-  Args:
-    models: the modules.
-    params: segmenter parameters.
-    batch_stats: BatchNorm running statistics.
-    images: (B, H, W, 3) float32.
-    bn_mode: one of ``BN_MODES``.
-    labelled: the pass is over the domain whose labels train the model.
-    training: False for evaluation, pseudo-labelling and logging passes,
-      which always use (and never touch) the running statistics.
-
-  Returns:
-    ``(outputs, batch_stats)``: dict of (B, h, w, C) logits per level and the
-    (possibly updated) statistics.
-  """
-  if bn_mode not in BN_MODES:
-    raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-  variables = {"params": params, "batch_stats": batch_stats}
-  use_batch = training and (
-      bn_mode == "train" or (bn_mode == "source" and labelled))
-  if use_batch:
-    outputs, mutated = models.segmenter.apply(
-        variables, images, train_bn=True, mutable=["batch_stats"])
-    return outputs, mutated["batch_stats"]
-  return models.segmenter.apply(variables, images, train_bn=False), batch_stats
-
-
-def upsample_outputs(outputs: dict[str, jax.Array], size: tuple[int, int], *,
-                     align_corners: bool) -> dict[str, jax.Array]:
-  """Upsamples every level's logits to ``size`` = (H, W) of the input."""
-  return {k: ops.upsample_bilinear(v, size, align_corners=align_corners)
-          for k, v in outputs.items()}
+  discriminator_levels: tuple[str, ...] | None = None
+  discriminator_features: Callable[[Any], str] | None = None
+  make_region_discriminators: Callable[[Any], Any] | None = None
+  attention_maps: Callable[..., Any] | None = None
+  config_problems: Callable[[Any], list[str]] | None = None
+  driver: Callable[[Any, str, Any], dict] | None = None
+  phase_steps: Mapping[str, Callable[..., StepFn]] = dataclasses.field(
+      default_factory=dict)
+  single_process: bool = False
+  warm_starts_from_source_only: bool = False
 
 
 def segmentation_loss(logits: dict[str, jax.Array], labels: jax.Array, *,
@@ -197,19 +172,6 @@ def apply_updates(tx: optax.GradientTransformation, grads, opt_state, params):
   """One optax update; returns ``(params, opt_state)``."""
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
-
-
-def frozen_regexes(config) -> list[str]:
-  """Parameter-path regexes never updated: config extras, BatchNorm affine
-  parameters, and the ASPP branches AdaptSegNet's early return leaves dead
-  (PyTorch's SGD skips parameters without gradients, so they keep their init
-  values and get no weight decay)."""
-  frozen = list(config.optim.frozen_regexes)
-  frozen.append(models_lib.batchnorm_param_regex)
-  if config.model.aspp_branches_used < 4:
-    dead = "|".join(str(i) for i in range(config.model.aspp_branches_used, 4))
-    frozen.append(rf"aspp_(main|aux)/branch_({dead})/")
-  return frozen
 
 
 def global_norm(tree) -> jax.Array:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jaxda import losses
 from jaxda import ops
 from jaxda.methods import base
-from jaxda.methods import classification
+from jaxda.methods import classification_steps as classification
 
 GRL_SCHEDULES = ("paper", "tllib", "constant")
 DANN_FEATURES = ("bottleneck", "pooled")
@@ -129,4 +129,28 @@ def make_step(models: classification.ClassificationModels, config, tx,
   return step
 
 
-DANN = base.Method(name="dann", make_step=make_step)
+def config_problems(config) -> list[str]:
+  """Invalid ``config.adversarial`` values of DANN (and TADA), one line each."""
+  a = config.adversarial
+  problems = []
+  if a.grl_schedule not in GRL_SCHEDULES:
+    problems.append(
+        f"config.adversarial.grl_schedule must be one of {GRL_SCHEDULES}")
+  if a.dann_features not in DANN_FEATURES:
+    problems.append(
+        f"config.adversarial.dann_features must be one of {DANN_FEATURES}")
+  if a.domain_label_source not in (0, 1):
+    problems.append("config.adversarial.domain_label_source must be 0 or 1")
+  return problems
+
+
+def discriminator_features(config) -> str:
+  """The global discriminator's input: ``adversarial.dann_features``."""
+  return config.adversarial.dann_features
+
+
+DANN = base.Method(
+    name="dann", make_step=make_step, task="classification",
+    discriminator_inputs="features",
+    discriminator_features=discriminator_features,
+    config_problems=config_problems, single_process=True)

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 
 from jaxda.methods import tada_attention as attention
 from jaxda import losses
+from jaxda import models as models_lib
 from jaxda import ops
 from jaxda.methods import base
-from jaxda.methods import classification
+from jaxda.methods import classification_steps as classification
 from jaxda.methods import dann
 
 
@@ -150,4 +151,33 @@ def make_attention_fn(models: classification.ClassificationModels, config):
   return fn
 
 
-TADA = base.Method(name="tada", make_step=make_step)
+def make_region_discriminators(config):
+  """TADA's per-region discriminators, or None when no term uses them."""
+  if not uses_local(config):
+    return None
+  return models_lib.RegionDiscriminators(
+      hidden=tuple(config.tada.region_hidden))
+
+
+def attention_maps(models: classification.ClassificationModels, config):
+  """``(fn, title)`` of the local attention pictures (task pictures)."""
+  return (make_attention_fn(models, config),
+          f"TADA local attention w = {config.tada.local_attention_form}"
+          " on target val")
+
+
+def config_problems(config) -> list[str]:
+  """DANN's checks plus the attention form."""
+  problems = dann.config_problems(config)
+  if config.tada.local_attention_form not in attention.LOCAL_ATTENTION_FORMS:
+    problems.append("config.tada.local_attention_form must be one of"
+                    f" {attention.LOCAL_ATTENTION_FORMS}")
+  return problems
+
+
+TADA = base.Method(
+    name="tada", make_step=make_step, task="classification",
+    discriminator_inputs="features",
+    make_region_discriminators=make_region_discriminators,
+    attention_maps=attention_maps, config_problems=config_problems,
+    single_process=True)

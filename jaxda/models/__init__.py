@@ -13,11 +13,15 @@ from typing import Any
 from jaxda.models import classifier
 from jaxda.models import deeplab
 from jaxda.models import discriminator
+from jaxda.models import forward
 from jaxda.models import multitask
 from jaxda.models import resnet
 from jaxda.models import vgg
 
 ASPP = deeplab.ASPP
+# The containers of a run's modules (``jaxda.models.forward``).
+Models = forward.Models
+ClassificationModels = forward.ClassificationModels
 DeepLabV2 = deeplab.DeepLabV2
 FCDiscriminator = discriminator.FCDiscriminator
 MultiTaskNet = multitask.MultiTaskNet
@@ -37,19 +41,28 @@ classifier_backbone_param_regex = r'^feature_extractor/'
 
 # Params of the ASPP heads (PyTorch layer5/layer6), trained at 10× the LR.
 head_param_regex = r'^(aspp_main|aspp_aux)/'
-# Late layers of `MultiTaskNet` (shared decoder + task heads): what
-# HeadFreeze freezes by default; a config may widen or narrow it.
-multitask_late_param_regexes = (r'^decoder/', r'^head_')
 # BatchNorm scale/bias: every BN module is named 'bn<k>' or '<something>_bn'.
 batchnorm_param_regex = r'(^|/)(bn\d*|\w+_bn)/(scale|bias)$'
+
+
+def segmenter_frozen_regexes(config) -> list[str]:
+  """Segmenter parameter-path regexes never updated: config extras,
+  BatchNorm affine parameters, and the ASPP branches AdaptSegNet's early
+  return leaves dead (PyTorch's SGD skips parameters without gradients, so
+  they keep their init values and get no weight decay)."""
+  frozen = list(config.optim.frozen_regexes)
+  frozen.append(batchnorm_param_regex)
+  if config.model.aspp_branches_used < 4:
+    dead = '|'.join(str(i) for i in range(config.model.aspp_branches_used, 4))
+    frozen.append(rf'aspp_(main|aux)/branch_({dead})/')
+  return frozen
 
 # name -> constructor keyword arguments of DeepLabV2.
 _SEGMENTERS: dict[str, dict[str, Any]] = {
     'deeplabv2_resnet101': dict(stage_sizes=(3, 4, 23, 3), base_width=64),
     'deeplabv2_resnet50': dict(stage_sizes=(3, 4, 6, 3), base_width=64),
     # Same structure and geometry (ceil pool, 1×1 stride, dilations 2/4,
-    # ASPP, two heads) at CPU-test cost: jitted fwd+bwd at batch 8 × 64×128
-    # takes ~0.06 s on 2 CPU cores (~0.13 s at 96×192); 0.39 M params.
+    # ASPP, two heads) at CPU-test cost; 0.39 M params.
     'deeplabv2_tiny': dict(stage_sizes=(1, 1, 1, 1), base_width=8),
 }
 SEGMENTER_NAMES = tuple(_SEGMENTERS)

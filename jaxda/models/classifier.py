@@ -22,8 +22,8 @@ Feature extractors:
   instead of average-pooling it, as DANN's MNIST network does: after two
   small convs the receptive field is ~10 pixels, and a global average would
   throw away where the strokes are. (DANN's network uses 5x5 kernels; 3x3
-  is ~2.5x cheaper on a CPU.) No BatchNorm: no method can gain from target
-  images reaching normalisation statistics.
+  needs 9/25 of the multiplications.) No BatchNorm: no method can gain from
+  target images reaching normalisation statistics.
 
 `DomainDiscriminator` is the MLP of DANN / TADA's global discriminator;
 `RegionDiscriminators` are TADA's K independent region discriminators as one

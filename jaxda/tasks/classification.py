@@ -1,95 +1,131 @@
-"""The classification task's parts of the shared run loop.
+"""The classification task: image classifiers, accuracy on target val.
 
-``jaxda.train_loop`` is the one loop of every method; with
-``config.task = 'classification'`` it calls these hooks where segmentation
-and classification differ (models and optimisers, parameter init,
-evaluation, pictures, the summary's target metrics). Everything else (data
-loading, paired batches, steps, NaN guard, checkpoints, resume, signals,
-``summary.json``) is the same code. This module never imports
-``train_loop``; ``run`` below is a ``train_loop.Run``.
+The ``Task`` hooks the run loop calls for ``config.task =
+'classification'``: models and optimisers (the thuml / DANN SGD recipe),
+parameter init, evaluation (confusion matrix on device, accuracies from
+``jaxda.metrics`` on the host: accuracy = trace / total, per-class accuracy
+= recall of each class, mean class accuracy = their mean over the classes
+present, VisDA's metric), pictures and the summary. Method-specific models
+come from ``Method`` hooks (region discriminators, attention maps).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jaxda.methods import tada_attention as attention
-from jaxda.tasks import classification_eval
-from jaxda.tasks import evaluation
+from jaxda import metrics
 from jaxda import models as models_lib
+from jaxda import optim
 from jaxda import parallel
 from jaxda import visualize
 from jaxda import writers
 from jaxda.data import pipeline
-from jaxda.methods import CLASSIFICATION_METHODS
-from jaxda.methods import base
-from jaxda.methods import classification
-from jaxda.methods import dann
-from jaxda.methods import tada
-
-TASKS = ("segmentation", "classification")
+from jaxda.models import forward
+from jaxda.tasks import task as base
+from jaxda.tasks import evaluation
+from jaxda.tasks import splits
 
 
-def task(config) -> str:
-  """``config.task``; configs without the field are segmentation."""
-  return config.get("task", "segmentation")
-
-
-def is_classification(config) -> bool:
-  return task(config) == "classification"
-
-
-def config_problems(config) -> list[str]:
-  """Messages for invalid classification config values (empty if fine)."""
+def config_problems(config, method) -> list[str]:
+  """Invalid classification config values, one line each."""
+  del method
   problems = []
 
   def need(cond, msg):
     if not cond:
       problems.append(msg)
 
-  need(config.method in CLASSIFICATION_METHODS,
-       f"config.method {config.method!r} is not a classification method;"
-       f" use one of {CLASSIFICATION_METHODS}")
-  need(config.num_steps >= 0, "config.num_steps must be >= 0")
-  need(config.batch_size >= 1, "config.batch_size must be >= 1")
   need(config.model.name in models_lib.CLASSIFIER_NAMES,
        f"config.model.name must be one of {models_lib.CLASSIFIER_NAMES}, got"
        f" {config.model.name!r}")
-  need(config.model.bn_mode in base.BN_MODES,
-       f"config.model.bn_mode must be one of {base.BN_MODES}")
+  need(config.model.bn_mode in forward.BN_MODES,
+       f"config.model.bn_mode must be one of {forward.BN_MODES}")
   need(config.optim.lr_schedule in ("inv", "constant"),
        "config.optim.lr_schedule must be 'inv' or 'constant'")
-  need(config.adversarial.grl_schedule in dann.GRL_SCHEDULES,
-       f"config.adversarial.grl_schedule must be one of {dann.GRL_SCHEDULES}")
-  need(config.adversarial.dann_features in dann.DANN_FEATURES,
-       f"config.adversarial.dann_features must be one of {dann.DANN_FEATURES}")
-  need(config.adversarial.domain_label_source in (0, 1),
-       "config.adversarial.domain_label_source must be 0 or 1")
-  need(config.tada.local_attention_form in attention.LOCAL_ATTENTION_FORMS,
-       "config.tada.local_attention_form must be one of"
-       f" {attention.LOCAL_ATTENTION_FORMS}")
-  need(config.log_every >= 1 and config.checkpoint_every >= 1,
-       "config.log_every and config.checkpoint_every must be >= 1")
   return problems
 
 
-def build(config, method: base.Method, num_classes: int) -> dict[str, Any]:
+def schedule_steps(config) -> int:
+  """Steps that define training progress p (``optim.schedule_steps`` or
+  ``num_steps``)."""
+  sched = config.optim.schedule_steps
+  return int(config.num_steps if sched in (-1, None) else sched)
+
+
+def make_classifier_tx(config, progress_steps: int, *,
+                       backbone_regex: str | None = None,
+                       backbone_lr_mult: float = 1.0,
+                       frozen_regexes=(), lr_mult: float = 1.0
+                       ) -> tuple[optax.GradientTransformation, Any]:
+  """SGD of the thuml / DANN recipe for classification networks.
+
+  Coupled weight decay, momentum, the DANN annealing
+  ``lr / (1 + α p)^β`` (``config.optim.lr_schedule = 'inv'``) or a
+  constant LR, the backbone at ``backbone_lr_mult`` x LR (0.1 for a
+  pretrained backbone), frozen parameters through ``optax.partition``.
+
+  Args:
+    config: run config (reads ``config.optim``).
+    progress_steps: steps for the progress p = step / progress_steps.
+    backbone_regex: parameter-path regex of the backbone (None: no split).
+    backbone_lr_mult: LR multiplier of the backbone.
+    frozen_regexes: parameter-path regexes never updated.
+    lr_mult: multiplier of the whole LR (discriminators: ``disc_lr_mult``).
+
+  Returns:
+    ``(tx, labels_fn)`` as ``optim.make_segmenter_tx``.
+  """
+  o = config.optim
+  if o.lr_schedule == "inv":
+    schedule = optim.inv_schedule(o.learning_rate, progress_steps,
+                                  alpha=o.inv_alpha, beta=o.inv_beta)
+  elif o.lr_schedule == "constant":
+    schedule = optax.constant_schedule(o.learning_rate)
+  else:
+    raise ValueError(f"config.optim.lr_schedule must be 'inv' or 'constant',"
+                     f" got {o.lr_schedule!r}")
+  if o.optimizer == "sgd":
+    opt = optax.sgd(schedule, momentum=o.momentum or None,
+                    nesterov=bool(o.nesterov))
+  elif o.optimizer == "adam":
+    opt = optax.adam(schedule)
+  else:
+    raise ValueError(f"unknown optimizer {o.optimizer!r}; use 'sgd' or"
+                     " 'adam'")
+  parts = []
+  if o.weight_decay:
+    parts.append(optax.add_decayed_weights(o.weight_decay))
+  parts.append(opt)
+  if backbone_regex and backbone_lr_mult != 1.0:
+    parts.append(optax.masked(optax.scale(backbone_lr_mult),
+                              lambda p: optim.path_mask(p, [backbone_regex])))
+  if lr_mult != 1.0:
+    parts.append(optax.scale(lr_mult))
+
+  def labels_fn(params):
+    return optim.param_labels(params, frozen_regexes)
+
+  tx = optax.partition({optim.TRAIN: optax.chain(*parts),
+                        optim.FROZEN: optax.set_to_zero()}, labels_fn)
+  return tx, labels_fn
+
+
+def build_models(config, method, num_classes: int) -> dict[str, Any]:
   """Models and optimisers of a classification run.
 
   Returns:
     ``{'models', 'tx', 'labels_fn', 'disc_tx'}`` (``disc_tx`` None without
     discriminators).
   """
-  adversarial = method.name in ("dann", "tada")
-  region = None
-  if method.name == "tada" and tada.uses_local(config):
-    region = models_lib.RegionDiscriminators(
-        hidden=tuple(config.tada.region_hidden))
-  models = classification.ClassificationModels(
+  adversarial = method.discriminator_inputs != "none"
+  region = (method.make_region_discriminators(config)
+            if method.make_region_discriminators else None)
+  models = forward.ClassificationModels(
       classifier=models_lib.create_classifier(
           config.model.name, num_classes,
           bottleneck_dim=config.model.bottleneck_dim),
@@ -97,25 +133,30 @@ def build(config, method: base.Method, num_classes: int) -> dict[str, Any]:
           hidden=tuple(config.adversarial.disc_hidden)) if adversarial
                      else None),
       region_discriminators=region)
-  steps = dann.schedule_steps(config)
-  frozen = list(config.optim.frozen_regexes)
-  tx, labels_fn = classification.make_classifier_tx(
+  steps = schedule_steps(config)
+  tx, labels_fn = make_classifier_tx(
       config, steps, backbone_regex=models_lib.classifier_backbone_param_regex,
-      backbone_lr_mult=config.optim.backbone_lr_mult, frozen_regexes=frozen)
+      backbone_lr_mult=config.optim.backbone_lr_mult,
+      frozen_regexes=list(config.optim.frozen_regexes))
   disc_tx = None
   if adversarial:
-    disc_tx, _ = classification.make_classifier_tx(
+    disc_tx, _ = make_classifier_tx(
         config, steps, lr_mult=config.adversarial.disc_lr_mult)
   return {"models": models, "tx": tx, "labels_fn": labels_fn,
           "disc_tx": disc_tx}
 
 
-def init_variables(models: classification.ClassificationModels, config,
-                   key: jax.Array):
+def build(config, method, data) -> dict[str, Any]:
+  """``Task.build``: ``build_models`` for the split's classes."""
+  return build_models(config, method, len(data["target_val"].class_names))
+
+
+def init_params(models: forward.ClassificationModels, config, key: jax.Array,
+                method):
   """Initial ``(params, batch_stats, disc_params)`` (traceable).
 
-  ``disc_params`` has ``'global'`` (DANN, TADA) and ``'local'`` (TADA's
-  region discriminators, a leading K axis on every leaf).
+  ``disc_params`` has ``'global'`` (methods with a discriminator) and
+  ``'local'`` (region discriminators, a leading K axis on every leaf).
   """
   k_net, k_global, k_local = jax.random.split(key, 3)
   images = jnp.zeros((1, config.data.height, config.data.width, 3),
@@ -126,10 +167,11 @@ def init_variables(models: classification.ClassificationModels, config,
   _, h, w, c = fmap.shape
   disc_params = {}
   if models.discriminator is not None:
-    # DANN may put its discriminator on the pooled features instead.
+    # A method may put its discriminator on the pooled features instead.
     width = config.model.bottleneck_dim
-    if (config.method == "dann"
-        and config.adversarial.dann_features == "pooled"):
+    features = (method.discriminator_features(config)
+                if method.discriminator_features else "bottleneck")
+    if features == "pooled":
       width = jax.eval_shape(lambda v: models.classifier.apply(
           v, images), variables)["pooled"].shape[-1]
     disc_params["global"] = models.discriminator.init(
@@ -141,25 +183,76 @@ def init_variables(models: classification.ClassificationModels, config,
           disc_params)
 
 
-def _eval_batch_size(run) -> int:
-  n = run.mesh.devices.size
-  return max(n, (run.config.eval.batch_size // n) * n)
+def init_variables(run, key: jax.Array):
+  """``Task.init_variables``: ``init_params`` of the run's models."""
+  return init_params(run.models, run.config, key, run.method)
+
+
+def make_predict_fn(models: forward.ClassificationModels, *,
+                    bn_mode: str) -> Callable:
+  """``predict(state, images) -> probs`` (B, C), running BN statistics."""
+
+  def predict(state, images):
+    fmap, _ = forward.extract_features(
+        models, state.params, state.batch_stats, images, bn_mode=bn_mode,
+        labelled=False, training=False)
+    logits = forward.classify(models, state.params, fmap)["logits"]
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  return predict
+
+
+# The confusion function is the segmentation one: it masks labels of any
+# rank, here (B,).
+make_confusion_fn = evaluation.make_confusion_fn
+
+
+def summarize_confusion(confusion: np.ndarray,
+                        class_names: Iterable[str]) -> dict[str, Any]:
+  """Accuracies from a (C, C) confusion matrix (rows = ground truth).
+
+  Returns:
+    ``{'accuracy', 'mean_class_accuracy', 'per_class_accuracy': {name: acc
+    or None}}``, fractions in [0, 1]; ``None`` marks a class absent from the
+    ground truth (excluded from the mean); an empty matrix scores 0.
+  """
+  confusion = np.asarray(confusion, np.int64)
+  per_class = metrics.per_class_accuracy(confusion)
+  empty = not confusion.sum()
+  mean = 0.0 if np.all(np.isnan(per_class)) else metrics.mean_class_accuracy(
+      confusion)
+  return {
+      "accuracy": 0.0 if empty else metrics.pixel_accuracy(confusion),
+      "mean_class_accuracy": float(mean),
+      "per_class_accuracy": {
+          name: (None if np.isnan(v) else float(v))
+          for name, v in zip(class_names, per_class)},
+  }
+
+
+def format_accuracy_table(result: dict[str, Any]) -> str:
+  """A fixed-width per-class accuracy table (percent) for logs."""
+  rows = [f"{'class':<16}{'acc. %':>8}"]
+  for name, v in result["per_class_accuracy"].items():
+    rows.append(f"{name:<16}{'  n/a' if v is None else f'{100 * v:8.2f}'}")
+  rows.append(f"{'mean class acc.':<16}"
+              f"{100 * result['mean_class_accuracy']:8.2f}")
+  rows.append(f"{'accuracy':<16}{100 * result['accuracy']:8.2f}")
+  return "\n".join(rows)
 
 
 def _eval_batches(run, images, labels=None):
   return pipeline.eval_batches(images, labels,
-                               batch_size=_eval_batch_size(run),
+                               batch_size=splits.eval_batch_size(run),
                                mode=run.config.data.normalization)
 
 
-def evaluate_target(run, state, step: int, *,
-                    prefix: str = "target") -> dict[str, Any]:
+def evaluate(run, state, step: int, prefix: str = "target") -> dict[str, Any]:
   """Accuracy, mean class accuracy, per-class accuracy and the confusion
   matrix on the target val split (last iterate)."""
-  predict = classification_eval.make_predict_fn(
-      run.models, bn_mode=run.config.model.bn_mode)
+  predict = make_predict_fn(run.models, bn_mode=run.config.model.bn_mode)
   confusion_fn = jax.jit(
-      classification_eval.make_confusion_fn(predict, run.num_classes),
+      make_confusion_fn(predict, run.num_classes),
       in_shardings=(parallel.replicated(run.mesh),
                     parallel.batch_sharded(run.mesh)),
       out_shardings=parallel.replicated(run.mesh))
@@ -167,8 +260,7 @@ def evaluate_target(run, state, step: int, *,
   confusion = evaluation.evaluate(
       confusion_fn, state, _eval_batches(run, domain.images, domain.labels),
       run.mesh)
-  result = classification_eval.summarize_confusion(confusion,
-                                                   run.class_names)
+  result = summarize_confusion(confusion, run.class_names)
   result["num_images"] = int(len(domain.images))
   result["confusion"] = confusion.tolist()
   run.writer.write_scalars(step, {
@@ -189,18 +281,17 @@ def _apply_in_batches(run, fn: Callable, state,
   return np.concatenate(out)
 
 
-def save_pictures(run, state, result: dict[str, Any], *,
+def save_pictures(run, state, result: dict[str, Any],
                   tag: str = "") -> dict[str, str]:
-  """Target predictions, confusion matrix, training curves and (TADA) the
-  local attention maps over target images (PNG)."""
+  """Target predictions, confusion matrix, training curves and the method's
+  attention maps over target images, if it has them (PNG)."""
   if not run.is_main:
     return {}
   cfg = run.config
   domain = run.data["target_val"]
   n = min(cfg.eval.num_pictures, len(domain.images))
   suffix = f"_{tag}" if tag else ""
-  predict = classification_eval.make_predict_fn(run.models,
-                                                bn_mode=cfg.model.bn_mode)
+  predict = make_predict_fn(run.models, bn_mode=cfg.model.bn_mode)
   probs = _apply_in_batches(run, predict, state, domain.images[:n])
   paths = {
       "target_predictions": visualize.save_classification_grid(
@@ -213,16 +304,14 @@ def save_pictures(run, state, result: dict[str, Any], *,
           run.path("pictures", f"confusion_matrix{suffix}.png"),
           np.asarray(result["confusion"]), run.class_names),
   }
-  if run.models.region_discriminators is not None:
-    maps = _apply_in_batches(run, tada.make_attention_fn(run.models, cfg),
-                             state, domain.images[:n])
-    # Colour scale from the maps shown (the colour bar gives the values;
-    # the full range of 1 - H is [0.307, 1]).
+  if (run.method.attention_maps is not None
+      and run.models.region_discriminators is not None):
+    attention_fn, title = run.method.attention_maps(run.models, cfg)
+    maps = _apply_in_batches(run, attention_fn, state, domain.images[:n])
+    # Colour scale from the maps shown (the colour bar gives the values).
     paths["local_attention"] = visualize.save_heatmap_grid(
         run.path("pictures", f"local_attention{suffix}.png"),
-        domain.images[:n], maps, max_rows=min(n, 8),
-        title=f"TADA local attention w = {cfg.tada.local_attention_form}"
-        " on target val")
+        domain.images[:n], maps, max_rows=min(n, 8), title=title)
   history = writers.read_history(run.workdir)
   if history:
     paths["training_curves"] = visualize.save_training_curves(
@@ -238,6 +327,18 @@ def summary_target(result: dict[str, Any]) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> tuple[str, str]:
   """``(table, headline)`` of the closing printout."""
-  return (classification_eval.format_accuracy_table(result),
+  return (format_accuracy_table(result),
           f"target accuracy {100 * result['accuracy']:.2f}% (mean class acc."
           f" {100 * result['mean_class_accuracy']:.2f}%)")
+
+
+def headline(target: dict[str, Any]) -> tuple[str, float]:
+  """Runs are compared by target accuracy."""
+  return "accuracy", float(target["accuracy"])
+
+
+CLASSIFICATION = base.Task(
+    name="classification", config_problems=config_problems,
+    load_data=splits.load_data, build=build, init_variables=init_variables,
+    evaluate=evaluate, save_pictures=save_pictures,
+    summary_target=summary_target, report=report, headline=headline)

@@ -16,12 +16,11 @@ import numpy as np
 
 from jaxda import metrics
 from jaxda import parallel
-from jaxda.methods import base
+from jaxda.models import forward
+from jaxda.types import IGNORE_LABEL
 
-IGNORE = 255
 
-
-def make_predict_fn(models: base.Models, *, bn_mode: str,
+def make_predict_fn(models: forward.Models, *, bn_mode: str,
                     align_corners: bool) -> Callable:
   """``predict(state, images) -> probs`` (B, H, W, C) of the main output.
 
@@ -38,7 +37,7 @@ def make_predict_fn(models: base.Models, *, bn_mode: str,
   return predict
 
 
-def make_logits_fn(models: base.Models, *, bn_mode: str) -> Callable:
+def make_logits_fn(models: forward.Models, *, bn_mode: str) -> Callable:
   """``logits(state, images) -> (B, h, w, C)`` main output at output stride.
 
   The network part of ``make_predict_fn``: running BatchNorm statistics,
@@ -47,9 +46,9 @@ def make_logits_fn(models: base.Models, *, bn_mode: str) -> Callable:
   """
 
   def logits(state, images):
-    outputs, _ = base.forward(models, state.params, state.batch_stats, images,
-                              bn_mode=bn_mode, labelled=False,
-                              training=False)
+    outputs, _ = forward.forward(
+        models, state.params, state.batch_stats, images, bn_mode=bn_mode,
+        labelled=False, training=False)
     return outputs["main"]
 
   return logits
@@ -58,7 +57,7 @@ def make_logits_fn(models: base.Models, *, bn_mode: str) -> Callable:
 def probs_from_logits(logits: jax.Array, size: tuple[int, int], *,
                       align_corners: bool) -> jax.Array:
   """(B, h, w, C) logits -> (B, H, W, C) float32 softmax at ``size``."""
-  up = base.upsample_outputs({"main": logits}, tuple(size),
+  up = forward.upsample_outputs({"main": logits}, tuple(size),
                              align_corners=align_corners)["main"]
   return jax.nn.softmax(up.astype(jnp.float32), axis=-1)
 
@@ -77,9 +76,9 @@ def make_confusion_fn(predict_fn: Callable, num_classes: int) -> Callable:
     label = batch["label"]
     mask = batch["mask"].reshape(
         batch["mask"].shape + (1,) * (label.ndim - 1))
-    labels = jnp.where(mask, label, IGNORE)
+    labels = jnp.where(mask, label, IGNORE_LABEL)
     return metrics.confusion_matrix(preds, labels, num_classes,
-                                    ignore_index=IGNORE)
+                                    ignore_index=IGNORE_LABEL)
 
   return confusion
 

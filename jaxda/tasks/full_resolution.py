@@ -9,7 +9,7 @@ images and ignore labels whose `mask` is False, so padding never counts.
 
 Applies to domains whose labels are `sources.LazyArray` views (the real data
 sets) when `config.eval.full_resolution` is True; the embedded benchmarks
-keep the in-memory evaluation of `train_loop.evaluate_target`.
+keep the in-memory evaluation of `segmentation.evaluate`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import numpy as np
 from jaxda.tasks import evaluation
 from jaxda import metrics
 from jaxda import parallel
+from jaxda import types
 from jaxda.data import pipeline
 from jaxda.data import tables
-from jaxda.methods import base
+from jaxda.models import forward
 
 
 def applies(config, domain) -> bool:
@@ -66,14 +67,14 @@ def eval_batches(images, labels, *, batch_size: int,
       image = np.concatenate(
           [image, np.zeros((pad,) + image.shape[1:], image.dtype)])
       label = np.concatenate([label, np.full(
-          (pad,) + label.shape[1:], tables.IGNORE_LABEL, np.int32)])
+          (pad,) + label.shape[1:], types.IGNORE_LABEL, np.int32)])
       index = np.concatenate([index, np.full(pad, -1, np.int32)])
       mask = np.concatenate([mask, np.zeros(pad, bool)])
     yield {"image": pipeline.normalize(image, mode), "label": label,
            "index": index, "mask": mask}
 
 
-def make_confusion_fn(models: base.Models, num_classes: int, *,
+def make_confusion_fn(models: forward.Models, num_classes: int, *,
                       bn_mode: str, align_corners: bool) -> Callable:
   """``fn(state, batch) -> (C, C)`` with logits upsampled to the label size.
 
@@ -83,14 +84,14 @@ def make_confusion_fn(models: base.Models, num_classes: int, *,
   logits_fn = evaluation.make_logits_fn(models, bn_mode=bn_mode)
 
   def confusion(state, batch):
-    logits = base.upsample_outputs(
+    logits = forward.upsample_outputs(
         {"main": logits_fn(state, batch["image"]).astype(jnp.float32)},
         batch["label"].shape[1:3], align_corners=align_corners)["main"]
     preds = jnp.argmax(logits, axis=-1)
     labels = jnp.where(batch["mask"][:, None, None], batch["label"],
-                       evaluation.IGNORE)
+                       types.IGNORE_LABEL)
     return metrics.confusion_matrix(preds, labels, num_classes,
-                                     ignore_index=evaluation.IGNORE)
+                                     ignore_index=types.IGNORE_LABEL)
 
   return confusion
 
@@ -107,7 +108,7 @@ def add_synthia13(result: dict[str, Any], confusion: np.ndarray,
 
 def evaluate_target(run, state, step: int, *,
                     prefix: str = "target") -> dict[str, Any]:
-  """`train_loop.evaluate_target` at full label resolution (module doc)."""
+  """`segmentation.evaluate` at full label resolution (module doc)."""
   cfg = run.config
   confusion_fn = jax.jit(
       make_confusion_fn(run.models, run.num_classes,

@@ -16,7 +16,7 @@ Train has 2,975 images and val 500; evaluation is at the labels' 2048x1024.
 import os
 
 from jaxda.data import errors
-from jaxda.data.readers import common as sources
+from jaxda.data.readers import common
 from jaxda.data import tables
 
 LAYOUT = ('ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png and '
@@ -25,7 +25,7 @@ IMAGE_SUFFIX = '_leftImg8bit.png'
 LABEL_SUFFIX = '_gtFine_labelIds.png'
 
 
-class Cityscapes(sources.PairedFiles):
+class Cityscapes(common.PairedFiles):
   """Random-access Cityscapes source: image (H, W, 3), train ids (H, W).
 
   Args:
@@ -55,10 +55,10 @@ class Cityscapes(sources.PairedFiles):
           tables.LABEL_ID_TO_TRAIN_ID]
     else:
       raise ValueError(f'num_classes must be 19 or 16, got {num_classes}')
-    sources.require_dir(root, 'Cityscapes', LAYOUT)
+    common.require_dir(root, 'Cityscapes', LAYOUT)
     image_root = os.path.join(root, 'leftImg8bit', split)
     label_root = os.path.join(root, 'gtFine', split)
-    sources.require_dir(image_root, 'Cityscapes', LAYOUT)
+    common.require_dir(image_root, 'Cityscapes', LAYOUT)
     has_labels = os.path.isdir(label_root)
     cities = sorted(c for c in os.listdir(image_root)
                     if os.path.isdir(os.path.join(image_root, c)))

@@ -1,4 +1,4 @@
-"""Random-access sources over real benchmark files, and lazy array views.
+"""Shared helpers of the file readers: listing, decoding, lazy array views.
 
 A *source* is the `grain` / `tfds.data_source` contract: `len(source)` and
 `source[i]` -> dict(image uint8 (H, W, 3), label uint8 (H, W) or int, id
@@ -7,27 +7,24 @@ set in memory. The readers (`cityscapes`, `gta5`, `synthia`, `office`,
 `digit_files`) list and pair the files when they are opened (a missing
 folder fails there, naming the path and the expected layout) and validate
 each example when it is read (undecodable image, label size or label values
-outside the id table -> `DataError` naming the file).
+outside the id table -> `DataError` naming the file); `jaxda.data.registry`
+maps config names to them.
 
-`open_source(name, data_dir, split)` picks a reader by config name:
-
-  gta5, cityscapes, cityscapes16 (Cityscapes in the 16 SYNTHIA classes),
-  synthia, office31:<domain>, officehome:<domain>, mnist_files, usps,
-  svhn
-
-('mnist' is the embedded digits domain; the MNIST idx files are
-'mnist_files'). `load_domain` wraps a source as a `pipeline.Domain` whose
-`images` / `labels` are `LazyArray` views: they have `shape`, `len`, slicing
-(lazy) and integer-array indexing (decodes those rows, resized to the
-training size, on a thread pool), so `pipeline.train_batches` / `eval_batches`
-iterate them without loading the data set. Digit files are small and are
-returned as in-memory arrays, like the embedded benchmarks.
+`source_domain` wraps a source as a `Domain` whose `images` / `labels` are
+`LazyArray` views: they have `shape`, `len`, slicing (lazy) and
+integer-array indexing (decodes those rows, resized to the training size, on
+a thread pool), so `pipeline.train_batches` / `eval_batches` iterate them
+without loading the data set. Digit files are small and are returned as
+in-memory arrays, like the embedded benchmarks.
 
 `labels.native` is the same rows at the label files' own resolution: the
-full-resolution evaluation (`jaxda.full_resolution`) batches those.
+full-resolution evaluation (`jaxda.tasks.full_resolution`) batches those.
+
+This module imports no reader and no pipeline: the readers build on it.
 """
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 
@@ -35,74 +32,25 @@ import numpy as np
 from PIL import Image
 
 from jaxda.data import errors
-from jaxda.data import tables
 
-IGNORE_LABEL = tables.IGNORE_LABEL
-# Config names of the readers (office domains: 'office31:amazon', ...).
-SEGMENTATION_NAMES = ('gta5', 'cityscapes', 'cityscapes16', 'synthia')
-CLASSIFICATION_NAMES = ('office31', 'officehome', 'mnist_files', 'usps',
-                        'svhn')
 _DECODE_THREADS = min(8, os.cpu_count() or 1)
 _POOL = None
 
 
-def is_source_name(name):
-  """True for the config names `open_source` understands."""
-  return (name in SEGMENTATION_NAMES or name in CLASSIFICATION_NAMES[2:]
-          or name.split(':', 1)[0] in ('office31', 'officehome'))
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """One split of one domain (what `pipeline.load_domain` returns).
 
-
-def open_source(name, data_dir, split='train', **options):
-  """Opens the reader named by a config string on a local directory.
-
-  Args:
-    name: see the module docstring.
-    data_dir: the data set root in its distributed layout.
-    split: 'train' or 'val' (what each reader does with it is in its
-      docstring; GTA5, SYNTHIA and the Office domains have no official split
-      and return every image for both).
-    **options: reader keyword arguments (e.g. `resize_mismatched_labels`).
-
-  Returns:
-    A random-access source (`__len__`, `__getitem__`, `class_names`, `task`).
-
-  Raises:
-    DataError: unknown name, missing directory or layout.
+  Attributes:
+    images: uint8 (N, H, W, 3) RGB (an array or a `LazyArray`).
+    labels: uint8 (N, H, W) class ids (`jaxda.types.IGNORE_LABEL` =
+      ignore), or None; for classification data sets uint8 (N,) image
+      labels.
+    class_names: tuple of C class names.
   """
-  # Imported here: the readers import this module for the shared helpers.
-  # pylint: disable=g-import-not-at-top
-  from jaxda.data.readers import cityscapes
-  from jaxda.data.readers import digit_files
-  from jaxda.data.readers import gta5
-  from jaxda.data.readers import office
-  from jaxda.data.readers import synthia
-  # pylint: enable=g-import-not-at-top
-  if not data_dir:
-    raise errors.DataError(
-        f'data set {name!r} needs its local directory: set '
-        'config.source.data_dir / config.target.data_dir (nothing is '
-        'downloaded)')
-  kind, _, arg = name.partition(':')
-  if kind == 'gta5':
-    return gta5.GTA5(data_dir, split, **options)
-  if kind in ('cityscapes', 'cityscapes16'):
-    return cityscapes.Cityscapes(
-        data_dir, split, num_classes=16 if kind == 'cityscapes16' else 19,
-        **options)
-  if kind == 'synthia':
-    return synthia.Synthia(data_dir, split, **options)
-  if kind in ('office31', 'officehome'):
-    return office.Office(data_dir, kind, arg, split)
-  if kind == 'mnist_files':
-    return digit_files.MNIST(data_dir, split)
-  if kind == 'usps':
-    return digit_files.USPS(data_dir, split)
-  if kind == 'svhn':
-    return digit_files.SVHN(data_dir, split)
-  raise errors.DataError(
-      f'unknown data set {name!r}: use one of {SEGMENTATION_NAMES}, '
-      "'office31:<domain>', 'officehome:<domain>', 'mnist_files', 'usps', "
-      "'svhn'")
+  images: np.ndarray
+  labels: np.ndarray | None
+  class_names: tuple[str, ...]
 
 
 # --------------------------------------------------------------------------
@@ -152,6 +100,18 @@ def open_image(path, what, fix='re-extract it from the archive'):
         f'cannot decode {what} {path} ({type(e).__name__}: {e}): the file is '
         f'corrupt or truncated; {fix}') from None
   return img
+
+
+def image_size(path):
+  """(height, width) of an image file from its header (no pixel decoding)."""
+  try:
+    with Image.open(path) as img:
+      width, height = img.size
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise errors.DataError(
+        f'cannot decode image {path} ({type(e).__name__}: {e}): the file is '
+        'corrupt or truncated; re-extract it from the archive') from None
+  return height, width
 
 
 def read_rgb(path):
@@ -227,11 +187,12 @@ def map_label(ids, table, num_ids, path, dataset):
     dataset: data set name, for the message.
 
   Returns:
-    uint8 (H, W) train ids, 255 = ignore.
+    uint8 (H, W) train ids, `jaxda.types.IGNORE_LABEL` = ignore.
   """
-  values = np.unique(ids)
-  bad = values[(values < 0) | (values >= num_ids)]
-  if bad.size:
+  # min/max is one pass; np.unique (a sort) only on the error path.
+  if ids.size and (ids.min() < 0 or ids.max() >= num_ids):
+    values = np.unique(ids)
+    bad = values[(values < 0) | (values >= num_ids)]
     raise errors.DataError(
         f'{dataset}: label {path} holds ids {bad[:10].tolist()} outside the '
         f'{dataset} id table [0, {num_ids}): is this a {dataset} label file '
@@ -324,7 +285,12 @@ class LazyArray:
     self._row_shape = None
 
   def _read(self, row):
-    value = self.source[int(row)][self.field]
+    # Decode only this field (an image row no longer decodes its label).
+    read_field = getattr(self.source, 'read_field', None)
+    if read_field is not None:
+      value = read_field(int(row), self.field)
+    else:
+      value = self.source[int(row)][self.field]
     if self.field == 'image':
       value = resize_image(value, self.size)
     else:
@@ -402,47 +368,36 @@ class LazyArray:
             f'size={self.size})')
 
 
-def load_domain(name, *, data_dir, split, height=None, width=None,
-                require_labels=True, resize_mismatched_labels=False):
-  """A real data set split as a `pipeline.Domain` (lazy where large).
+def source_domain(source, *, height=None, width=None, require_labels=True):
+  """A real data set split (an opened reader) as a `Domain`, lazy where large.
 
   Args:
-    name: reader name (`open_source`).
-    data_dir: data set root.
-    split: 'train' or 'val'.
+    source: an opened reader (`len`, `[i]`, `label_kind`, `class_names`, ...).
     height: training / evaluation input height (None: native size).
     width: input width (None: native size).
     require_labels: segmentation: fail if the split has no labels.
-    resize_mismatched_labels: resize labels whose size differs from their
-      image (nearest) instead of failing.
 
   Returns:
-    `pipeline.Domain`: segmentation images / labels are `LazyArray` views
-    (labels None if the split has none and `require_labels` is False);
+    `Domain`: segmentation images / labels are `LazyArray` views (labels
+    None if the split has none and `require_labels` is False);
     classification labels are uint8 (N,) arrays; digit files are in memory.
   """
-  from jaxda.data import pipeline  # pylint: disable=g-import-not-at-top
-  options = {}
-  if name in ('gta5', 'cityscapes', 'cityscapes16', 'synthia'):
-    options['resize_mismatched_labels'] = resize_mismatched_labels
-  source = open_source(name, data_dir, split, **options)
   logging.info('%s', source.summary)
   size = None if height is None else (height, width)
-  if source.task == 'classification':
+  if source.label_kind == 'per_image':
     labels = np.asarray(source.class_labels, np.uint8)
     if getattr(source, 'in_memory', False):
       images = np.stack([resize_image(source[i]['image'], size)
                          for i in range(len(source))])
     else:
       images = LazyArray(source, 'image', size)
-    return pipeline.Domain(images, labels, source.class_names)
+    return Domain(images, labels, source.class_names)
   if not source.has_labels and require_labels:
     raise errors.DataError(
-        f'{source.name} {split}: labels are required but none were found '
-        f'under {data_dir}; expected layout: {source.layout}')
+        f'{source.name} {source.split}: labels are required but none were '
+        f'found under {source.root}; expected layout: {source.layout}')
   labels = LazyArray(source, 'label', size) if source.has_labels else None
-  return pipeline.Domain(LazyArray(source, 'image', size), labels,
-                         source.class_names)
+  return Domain(LazyArray(source, 'image', size), labels, source.class_names)
 
 
 class PairedFiles:
@@ -453,7 +408,7 @@ class PairedFiles:
   None) and `self.ids` in `__init__`.
   """
 
-  task = 'segmentation'
+  label_kind = 'dense'
   name = ''
   layout = ''
   table = None
@@ -505,18 +460,38 @@ class PairedFiles:
     """Raw label ids (H, W) of one label file."""
     return read_id_map(path)
 
-  def __getitem__(self, i):
+  def _pair(self, i):
     if not -len(self.pairs) <= i < len(self.pairs):
       raise IndexError(f'{self.name}: index {i} out of range '
                        f'[0, {len(self.pairs)})')
-    image_path, label_path = self.pairs[i]
+    return self.pairs[i]
+
+  def _label(self, label_path, image_path, image_shape):
+    label = map_label(self.read_ids(label_path), self.table, self.num_ids,
+                      label_path, self.name)
+    return check_same_size(np.empty(image_shape + (0,), np.uint8), label,
+                           image_path, label_path,
+                           self.resize_mismatched_labels)
+
+  def read_field(self, i, field):
+    """`self[i][field]`, decoding only that file (`LazyArray` reads fields
+    separately, so an image row must not decode its label and vice versa).
+
+    A label is checked against its image's size read from the header.
+    """
+    image_path, label_path = self._pair(i)
+    if field == 'image':
+      return read_rgb(image_path)
+    if field != 'label' or label_path is None:
+      raise KeyError(field)
+    return self._label(label_path, image_path, image_size(image_path))
+
+  def __getitem__(self, i):
+    image_path, label_path = self._pair(i)
     image = read_rgb(image_path)
     out = {'image': image, 'id': self.ids[i]}
     if label_path is not None:
-      label = map_label(self.read_ids(label_path), self.table, self.num_ids,
-                        label_path, self.name)
-      out['label'] = check_same_size(image, label, image_path, label_path,
-                                     self.resize_mismatched_labels)
+      out['label'] = self._label(label_path, image_path, image.shape[:2])
     return out
 
 
@@ -525,7 +500,7 @@ def describe(split_name, domain):
 
   Args:
     split_name: e.g. 'source_train'.
-    domain: a `pipeline.Domain`.
+    domain: a `Domain`.
 
   Returns:
     e.g. 'source_train: GTA5 train: 24966 images found in /data/GTA5' (plus

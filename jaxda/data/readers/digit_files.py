@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from jaxda.data import errors
-from jaxda.data.readers import common as sources
+from jaxda.data.readers import common
 from jaxda.data import tables
 
 MNIST_FILES = {
@@ -43,7 +43,7 @@ def _split_key(split, dataset):
 
 
 def _find(data_dir, name, dataset, layout):
-  sources.require_dir(data_dir, dataset, layout)
+  common.require_dir(data_dir, dataset, layout)
   for candidate in (name, name + '.gz'):
     path = os.path.join(data_dir, candidate)
     if os.path.isfile(path):
@@ -97,7 +97,7 @@ def read_idx(path, ndim):
 class _InMemory:
   """A decoded digit data set: images (N, H, W) or (N, H, W, 3), labels."""
 
-  task = 'classification'
+  label_kind = 'per_image'
   in_memory = True
   class_names = tables.DIGIT_CLASSES
 
@@ -114,7 +114,7 @@ class _InMemory:
       images = np.repeat(images[..., None], 3, axis=-1)
     self.images = np.ascontiguousarray(images, np.uint8)
     self.class_labels = labels.astype(np.int64)
-    self.summary = sources.report(self.name, os.path.dirname(path), split,
+    self.summary = common.report(self.name, os.path.dirname(path), split,
                                   len(images))
 
   def example_id(self, i):
@@ -149,7 +149,7 @@ class USPS(_InMemory):
   layout = 'DIR/usps.bz2 (train) and DIR/usps.t.bz2 (test), LIBSVM format'
 
   def __init__(self, data_dir, split='train'):
-    sources.require_dir(data_dir, self.name, self.layout)
+    common.require_dir(data_dir, self.name, self.layout)
     path = os.path.join(data_dir, USPS_FILES[_split_key(split, self.name)])
     if not os.path.isfile(path):
       raise errors.DataError(f'USPS: file {path} does not exist; expected '
@@ -188,7 +188,7 @@ class SVHN(_InMemory):
 
   def __init__(self, data_dir, split='train'):
     from scipy import io as scipy_io  # pylint: disable=g-import-not-at-top
-    sources.require_dir(data_dir, self.name, self.layout)
+    common.require_dir(data_dir, self.name, self.layout)
     path = os.path.join(data_dir, SVHN_FILES[_split_key(split, self.name)])
     if not os.path.isfile(path):
       raise errors.DataError(f'SVHN: file {path} does not exist; expected '

@@ -24,10 +24,10 @@ import os
 import numpy as np
 from PIL import Image
 
+from jaxda import types
 from jaxda.data import errors
-from jaxda.data.readers import common as sources
+from jaxda.data.readers import common
 
-IGNORE_LABEL = 255
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 LABEL_EXTENSION = '.png'
 SPLITS = ('train', 'val')
@@ -73,10 +73,11 @@ def read_class_names(data_dir):
     dup = sorted({n for n in names if names.count(n) > 1})
     raise errors.DataError(f'class list {path} repeats names {dup}: class '
                            'names must be unique')
-  if len(names) >= IGNORE_LABEL:
+  if len(names) >= types.IGNORE_LABEL:
     raise errors.DataError(
         f'class list {path} has {len(names)} classes: at most '
-        f'{IGNORE_LABEL} fit in uint8 labels with {IGNORE_LABEL} = ignore')
+        f'{types.IGNORE_LABEL} fit in uint8 labels with '
+        f'{types.IGNORE_LABEL} = ignore')
   return names
 
 
@@ -96,7 +97,7 @@ def _list_stems(directory, extensions):
 
 
 def _open(path, what):
-  return sources.open_image(path, what, fix='re-export or remove it')
+  return common.open_image(path, what, fix='re-export or remove it')
 
 
 def _read_image(path):
@@ -123,14 +124,14 @@ def _read_label(path, num_classes):
   # For mode P, np.asarray gives palette indices, which are the class ids.
   arr = np.asarray(img)
   values = np.unique(arr)
-  bad = values[((values >= num_classes) & (values != IGNORE_LABEL)) |
+  bad = values[((values >= num_classes) & (values != types.IGNORE_LABEL)) |
                (values < 0)]
   if bad.size:
     shown = ', '.join(str(int(v)) for v in bad[:10])
     more = f' and {bad.size - 10} more' if bad.size > 10 else ''
     raise errors.DataError(
         f'label {path} has values {shown}{more} outside [0, {num_classes}) '
-        f'(classes.txt lists {num_classes} classes; {IGNORE_LABEL} = '
+        f'(classes.txt lists {num_classes} classes; {types.IGNORE_LABEL} = '
         'ignore): fix the label or classes.txt')
   return arr.astype(np.uint8)
 
@@ -277,10 +278,11 @@ def export_folder(out_dir, split, images, labels, class_names, *,
       raise ValueError(f'labels shape {labels.shape} does not match images '
                        f'{images.shape[:3]}')
     bad = np.unique(labels[(labels >= len(class_names)) &
-                           (labels != IGNORE_LABEL)])
+                           (labels != types.IGNORE_LABEL)])
     if bad.size or labels.min(initial=0) < 0:
       raise ValueError(f'labels hold values {bad[:10].tolist()} outside '
-                       f'[0, {len(class_names)}) and != {IGNORE_LABEL}')
+                       f'[0, {len(class_names)}) and != '
+                       f'{types.IGNORE_LABEL}')
     labels = labels.astype(np.uint8)
   if stems is None:
     stems = [f'{i:05d}' for i in range(len(images))]

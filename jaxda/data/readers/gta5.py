@@ -14,14 +14,14 @@ all 24,966; CRST's 19,984-image list is a subset, METHODS.md §3.8).
 
 import os
 
-from jaxda.data.readers import common as sources
+from jaxda.data.readers import common
 from jaxda.data import tables
 
 LAYOUT = ('ROOT/images/*.png (RGB) and ROOT/labels/*.png (Cityscapes label '
           'ids, same file names)')
 
 
-class GTA5(sources.PairedFiles):
+class GTA5(common.PairedFiles):
   """Random-access GTA5 source: `src[i]` -> image (H, W, 3), label (H, W).
 
   Args:

@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from jaxda.data import errors
-from jaxda.data.readers import common as sources
+from jaxda.data.readers import common
 from jaxda.data import tables
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -75,13 +75,13 @@ class Office:
     split: ignored (the whole domain; module docstring).
   """
 
-  task = 'classification'
+  label_kind = 'per_image'
 
   def __init__(self, root, dataset, domain, split='train'):
     spec = _DATASETS[dataset]
     self.layout = spec['layout']
     self.class_names = spec['classes']
-    sources.require_dir(root, spec['name'], self.layout)
+    common.require_dir(root, spec['name'], self.layout)
     if not domain:
       raise errors.DataError(
           f'{spec["name"]}: name the domain, e.g. {dataset}:'
@@ -90,7 +90,7 @@ class Office:
     self.name = f'{spec["name"]} {domain}'
     class_root = (os.path.join(domain_dir, spec['sub']) if spec['sub']
                   else domain_dir)
-    sources.require_dir(class_root, spec['name'], self.layout)
+    common.require_dir(class_root, spec['name'], self.layout)
     index = {c: i for i, c in enumerate(self.class_names)}
     self.paths, labels, self.ids = [], [], []
     for folder in sorted(os.listdir(class_root)):
@@ -112,7 +112,7 @@ class Office:
           f'{spec["name"]}: no images under {class_root}; expected layout: '
           f'{self.layout}')
     self.class_labels = np.asarray(labels, np.int64)
-    self.summary = sources.report(self.name, root, split, len(self.paths))
+    self.summary = common.report(self.name, root, split, len(self.paths))
 
   def example_id(self, i):
     return self.ids[i]
@@ -121,5 +121,5 @@ class Office:
     return len(self.paths)
 
   def __getitem__(self, i):
-    return {'image': sources.read_rgb(self.paths[i]),
+    return {'image': common.read_rgb(self.paths[i]),
             'label': int(self.class_labels[i]), 'id': self.ids[i]}

@@ -9,7 +9,7 @@ Layout::
 The originals read the label with `imageio.imread(path, format='PNG-FI')
 [:, :, 0]` (the first channel at full 16-bit depth); Pillow alone would keep
 only the high byte of each 16-bit sample and read every id as 0, so
-`sources.read_id_map` recovers all 16 bits. Class ids (0-22, SYNTHIA README)
+`common.read_id_map` recovers all 16 bits. Class ids (0-22, SYNTHIA README)
 map to the 16-class protocol with `tables.SYNTHIA_ID_TO_TRAIN_ID16` (SYNTHIA's
 terrain, truck, train and the unlabelled classes -> 255). Every split name
 returns all images (SYNTHIA is a source domain only).
@@ -17,14 +17,14 @@ returns all images (SYNTHIA is a source domain only).
 
 import os
 
-from jaxda.data.readers import common as sources
+from jaxda.data.readers import common
 from jaxda.data import tables
 
 LAYOUT = ('ROOT/RGB/*.png (RGB) and ROOT/GT/LABELS/*.png (16-bit, class id '
           'in the first channel, same file names)')
 
 
-class Synthia(sources.PairedFiles):
+class Synthia(common.PairedFiles):
   """Random-access SYNTHIA source in the 16 classes of `tables`.
 
   Args:

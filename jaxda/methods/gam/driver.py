@@ -2,7 +2,7 @@
 
 1. **Source model.** ``model.init_checkpoint`` names a source-only run; with
    none, one is trained (or reused) in ``workdir/base_source_only`` with the
-   source-only recipe (``jaxda.self_training.ensure_base_model``).
+   source-only recipe (``jaxda.train.warm_start.ensure_base_model``).
 2. **State.** A ``FrozenSourceTrainState``: the target network (trained)
    and the frozen source network (``state.source``), both loaded from that
    run, plus one activation discriminator per tapped layer.
@@ -11,8 +11,9 @@
    images), then the target statistics of the source model with Gaussian
    matching, computed layer after layer (pass k fixes layer k, whose input
    depends on the matching of the layers before it), as AdaBN does.
-4. **Adaptation** with the shared run loop (``jaxda.methods.gam`` step),
-   checkpoints and resume as every run.
+4. **Adaptation** with the shared run loop and GAM's step
+   (``jaxda.methods.gam.activation_step``), checkpoints and resume as every
+   run.
 5. **Report.** Per tapped layer: the gap between target and source
    activation statistics (mean and std, in source std units) of the source
    model before adaptation and of the adapted model after (before and after
@@ -33,22 +34,25 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from matplotlib import figure as mpl_figure
-from matplotlib.backends import backend_agg
 import ml_collections
 import numpy as np
 
-from jaxda.methods.gam import matching as am
 from jaxda import parallel
-from jaxda.methods.self_training import rounds as self_training
 from jaxda import state as state_lib
-from jaxda.train import loop as train_loop
 from jaxda import writers
 from jaxda.data import pipeline
 from jaxda.methods import base
-from jaxda.methods.gam import step as gam_step
-from jaxda.models import activation_discriminator
-from jaxda.models import activation_taps
+from jaxda.methods import source_only
+from jaxda.methods.gam import activation_step as gam_step
+from jaxda.methods.gam import matching as am
+from jaxda.methods.gam import activation_discriminator
+from jaxda.methods.gam import taps as activation_taps
+from jaxda.tasks import splits
+from jaxda.train import init_weights
+from jaxda.train import loop as train_loop
+from jaxda.train import warm_start
+from jaxda.train.exceptions import ConfigError
+from jaxda.visualize import activations as activation_pictures
 
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -56,20 +60,10 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def check_config(config) -> None:
-  """Errors a user can fix, before anything is trained."""
-  g = config.gam
-  if not g.layers:
-    raise train_loop.ConfigError("config.gam.layers must name >= 1 layer")
-  try:
-    gam_step.layer_weights(config)
-  except ValueError as e:
-    raise train_loop.ConfigError(str(e)) from None
-  if g.drift_reduction not in am.DRIFT_REDUCTIONS:
-    raise train_loop.ConfigError(
-        f"config.gam.drift_reduction must be one of {am.DRIFT_REDUCTIONS},"
-        f" got {g.drift_reduction!r}")
-  if not 0.0 <= g.stats_momentum < 1.0:
-    raise train_loop.ConfigError("config.gam.stats_momentum must be in [0, 1)")
+  """Raises ``ConfigError`` on the first of ``step.config_problems``
+  (before a base model is trained for nothing)."""
+  for problem in gam_step.config_problems(config):
+    raise ConfigError(problem)
 
 
 def build_models(run: train_loop.Run) -> train_loop.Run:
@@ -94,7 +88,7 @@ def create_state(run: train_loop.Run) -> state_lib.FrozenSourceTrainState:
         lambda: taps.apply_with_taps(taps.module.init(seg_key, x), x,
                                      match="none")[1]["raw"])
   except ValueError as e:
-    raise train_loop.ConfigError(f"config.gam.layers: {e}") from None
+    raise ConfigError(f"config.gam.layers: {e}") from None
 
   def init():
     variables = taps.init(seg_key, x)
@@ -117,7 +111,7 @@ def create_state(run: train_loop.Run) -> state_lib.FrozenSourceTrainState:
 def load_source_model(run: train_loop.Run, state, path: str):
   """Target and frozen source networks := the source-only run at ``path``."""
   model_stats, act = activation_taps.split_stats(state.batch_stats)
-  plain = train_loop.load_segmenter_weights(
+  plain = init_weights.load_segmenter_weights(
       run, state.replace(batch_stats=model_stats), path)
   # Separate buffers: the step donates the state, and one buffer cannot be
   # donated twice.
@@ -162,7 +156,7 @@ def collect_stats(run: train_loop.Run, variables, images: np.ndarray, *,
   fn = _make_moments_fn(run, match)
   total = None
   for batch in pipeline.eval_batches(
-      images, None, batch_size=train_loop._eval_batch_size(run),  # pylint: disable=protected-access
+      images, None, batch_size=splits.eval_batch_size(run),
       mode=run.config.data.normalization):
     b = parallel.shard_batch({"image": batch["image"],
                               "mask": batch["mask"]}, run.mesh)
@@ -212,7 +206,7 @@ def activation_report(run: train_loop.Run, variables, *, match: str,
     ``{key: {'mean_gap_raw', 'std_gap_raw', 'mean_gap', 'std_gap'}}``:
     ``*_raw`` of the layer's own output, the others of what flows on (after
     matching; equal without it), in source std units
-    (``jaxda.activation_matching.stats_gap``).
+    (``jaxda.methods.gam.matching.stats_gap``).
   """
   n = run.config.gam.report_images
   stats = collect_stats(run, variables, run.data["target_train"].images[:n],
@@ -236,44 +230,6 @@ def discriminator_accuracy(workdir: str, keys) -> dict[str, dict[str, float]]:
       out[key] = {"first_log": points[0][1], "first_step": points[0][0],
                   "last_log": points[-1][1], "last_step": points[-1][0]}
   return out
-
-
-def save_report_picture(path: str, report: dict[str, Any]) -> str:
-  """Bar charts per layer: mean gap, std gap, D accuracy (PNG)."""
-  before, after = report["before"], report["after"]
-  keys = list(before)
-  x = np.arange(len(keys))
-  fig = mpl_figure.Figure(figsize=(13, 3.6), dpi=100, layout="constrained")
-  backend_agg.FigureCanvasAgg(fig)
-  axes = fig.subplots(1, 3)
-  bars = (("before (source model)", before, ""),
-          ("after, layer output", after, "_raw"),
-          ("after, matched (D input)", after, ""))
-  for ax, stat in zip(axes[:2], ("mean_gap", "std_gap")):
-    for i, (label, rep, suffix) in enumerate(bars):
-      ax.bar(x + (i - 1) * 0.27, [rep[k][stat + suffix] for k in keys], 0.27,
-             label=label)
-    ax.set_title(f"target vs source {stat.replace('_', ' ')} (source std)")
-    ax.set_xticks(x, keys, rotation=20, fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-  axes[0].legend(fontsize=8)
-  acc = report.get("discriminator_accuracy") or {}
-  ax = axes[2]
-  if acc:
-    ks = [k for k in keys if k in acc]
-    xs = np.arange(len(ks))
-    ax.bar(xs - 0.2, [acc[k]["first_log"] for k in ks], 0.4,
-           label="first logged window")
-    ax.bar(xs + 0.2, [acc[k]["last_log"] for k in ks], 0.4,
-           label="last logged window")
-    ax.axhline(0.5, color="k", linewidth=0.8, linestyle="--")
-    ax.set_xticks(xs, ks, rotation=20, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-  ax.set_title("discriminator accuracy (0.5 = confused)")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, format="png")
-  return path
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -302,8 +258,8 @@ def format_report(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       method: base.Method) -> dict[str, Any]:
   """Source model (trained if needed), GAM adaptation, evaluation, report.
 
   Resumable: rerunning the same command continues from the newest
@@ -316,11 +272,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   check_config(config)
   g = config.gam
   os.makedirs(workdir, exist_ok=True)
-  config.model.init_checkpoint = self_training.ensure_base_model(
+  config.model.init_checkpoint = warm_start.ensure_base_model(
       config, workdir, lambda m: print(m, flush=True),
-      base_steps=g.base_steps, base_learning_rate=g.base_learning_rate,
-      base_optim=g.base_optim)
-  run = build_models(train_loop.setup(config, workdir))
+      source_only.SOURCE_ONLY, base_steps=g.base_steps,
+      base_learning_rate=g.base_learning_rate, base_optim=g.base_optim)
+  run = build_models(train_loop.setup(
+      config, workdir, method))
   try:
     train_loop.write_config(run)
     run.writer.write_hparams(config.to_dict())
@@ -393,8 +350,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             + format_report(report))
     extra["activation_report"] = report
     if run.is_main:
-      extra["activation_picture"] = save_report_picture(
+      extra["activation_picture"] = activation_pictures.save_report_picture(
           run.path("pictures", "activation_stats.png"), report)
     return train_loop.finish(run, state, result, extra=extra)
   finally:
     train_loop.close(run)
+

@@ -14,14 +14,18 @@ every other run). Each round:
    weighted by (p/λ)^γ below the threshold.
    The labels are written to ``pseudo_labels/round_<r>.npz`` before any step
    of the round, so a resumed round trains on exactly the same labels.
-2. **Training** with the phase's step (``jaxda.methods.self_training``).
+2. **Training** with the phase's step (``jaxda.methods.self_training.steps``:
+   the method's ``make_step`` in phase 1, ``phase_steps['phase2']`` in
+   phase 2; only a method with a phase-2 step may have phase-2 rounds).
 3. **Evaluation** on the target val split and a diagnostics record: λ_k,
    density before/after voting, pseudo-label precision against ground truth
    (when the target train split has labels; they are read for this report
    only and never reach a batch), easy/hard counts, target mIoU.
 
 With no ``model.init_checkpoint`` the driver first trains (or reuses) a
-source-only base model in ``workdir/base_source_only``.
+source-only base model in ``workdir/base_source_only``. ``num_steps`` must
+give every round at least one step (``num_steps = 0`` is a ``ConfigError``:
+a round without steps would relabel with an unchanged model).
 """
 
 from __future__ import annotations
@@ -36,82 +40,54 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxda.tasks import evaluation
 from jaxda import parallel
-from jaxda.methods.self_training import pseudo_labels as pl
-from jaxda.train import loop as train_loop
 from jaxda import visualize
 from jaxda.data import pipeline
-from jaxda.methods.self_training import steps
-
-IGNORE = 255
+from jaxda.methods import base
+from jaxda.methods import source_only
+from jaxda.methods.self_training.densify import densify
+from jaxda.methods.self_training.easy_hard import (
+    easy_hard_split, easy_image_labels, image_confidence, label_density,
+    label_precision)
+from jaxda.methods.self_training.thresholds import (
+    init_threshold_histogram, select, target_portion,
+    thresholds_from_histogram, update_threshold_histogram)
+from jaxda.tasks import evaluation
+from jaxda.tasks import splits
+from jaxda.train import loop as train_loop
+from jaxda.train import warm_start
+from jaxda.train.exceptions import ConfigError
+from jaxda.types import IGNORE_LABEL
 
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config.to_dict())
 
 
-def rounds_and_steps(config) -> tuple[int, int, int]:
-  """``(phase1_rounds, phase2_rounds, steps_per_round)``, validated."""
+def rounds_and_steps(config, method: base.Method) -> tuple[int, int, int]:
+  """``(phase1_rounds, phase2_rounds, steps_per_round)``, validated.
+
+  Phase-2 rounds need a method with a phase-2 step
+  (``method.phase_steps['phase2']``).
+  """
   st = config.self_training
   r1, r2 = int(st.phase1_rounds), int(st.phase2_rounds)
   if r1 < 0 or r2 < 0 or r1 + r2 == 0:
-    raise train_loop.ConfigError(
+    raise ConfigError(
         "self_training.phase1_rounds + phase2_rounds must be >= 1")
-  if r2 and config.method != "tpld":
-    raise train_loop.ConfigError(
-        f"phase-2 rounds need method 'tpld' (got {config.method!r}); set"
+  if r2 and "phase2" not in method.phase_steps:
+    raise ConfigError(
+        f"method {method.name!r} has no phase-2 step; set"
         " --config.self_training.phase2_rounds=0")
+  if config.num_steps < r1 + r2:
+    raise ConfigError(
+        f"num_steps={config.num_steps} gives a round no steps; self-training"
+        f" needs >= 1 step per round ({r1 + r2} rounds)")
   if config.num_steps % (r1 + r2):
-    raise train_loop.ConfigError(
+    raise ConfigError(
         f"num_steps={config.num_steps} must be divisible by the {r1 + r2}"
         " rounds (num_steps is split evenly over rounds)")
   return r1, r2, config.num_steps // (r1 + r2)
-
-
-def ensure_base_model(config, workdir: str, log, *,
-                      base_steps: int | None = None,
-                      base_learning_rate: float | None = None,
-                      base_optim: ml_collections.ConfigDict | None = None
-                      ) -> str:
-  """Returns the init checkpoint path, training a source-only base if needed.
-
-  Args:
-    config: the method's config; the base run is a copy with method
-      ``source_only``.
-    workdir: the base run goes to ``workdir/base_source_only`` (reused when
-      finished, resumed when interrupted).
-    log: ``log(message)``.
-    base_steps: steps of the base run; default
-      ``config.self_training.base_steps``.
-    base_learning_rate: its LR; default
-      ``config.self_training.base_learning_rate``.
-    base_optim: a whole ``optim`` block for the base run (GAM: the
-      source-only recipe, since its own ``optim`` is the adaptation's);
-      default: the method's ``optim`` with the LR above, poly 0.9.
-  """
-  if config.model.init_checkpoint:
-    return config.model.init_checkpoint
-  if base_steps is None:
-    base_steps = config.self_training.base_steps
-  if base_learning_rate is None:
-    base_learning_rate = config.self_training.base_learning_rate
-  base_dir = os.path.join(workdir, "base_source_only")
-  if os.path.exists(os.path.join(base_dir, "summary.json")):
-    log(f"Base model: reusing {base_dir}")
-    return base_dir
-  base = _copy(config)
-  base.method = "source_only"
-  base.num_steps = base_steps
-  if base_optim is not None:
-    base.optim = ml_collections.ConfigDict(base_optim.to_dict())
-  base.optim.learning_rate = base_learning_rate
-  base.optim.power = 0.9
-  base.optim.schedule_steps = -1
-  log(f"Base model: no model.init_checkpoint given, training source-only for"
-      f" {base_steps} steps in {base_dir}")
-  train_loop.train_and_evaluate(base, base_dir)
-  return base_dir
 
 
 # --------------------------------------------------------------------------
@@ -127,8 +103,9 @@ def _logits_batches(run, state, images):
       evaluation.make_logits_fn(run.models,
                                 bn_mode=run.config.model.bn_mode), run.mesh)
   for batch in parallel.process_eval_batches(
-      images, None, global_batch_size=train_loop._eval_batch_size(run),  # pylint: disable=protected-access
-      mode=run.config.data.normalization):
+      images, None, global_batch_size=splits.eval_batch_size(run),
+      mode=run.config.data.normalization,
+      make_batches=pipeline.eval_batches):
     keep = batch["mask"]
     sharded = parallel.shard_batch(
         {"image": batch["image"], "mask": keep}, run.mesh)
@@ -153,8 +130,8 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   per-process) histograms: every process gets the global λ_k. The per-image
   outputs are then gathered in image order (``gather_process_rows``) and
   the easy/hard split is taken over all images, as in one process. (The
-  exact form, ``pl.class_thresholds``, needs every confidence in one host
-  array; it is the oracle in tests, not used here.)
+  exact form, ``thresholds.class_thresholds``, needs every confidence in one
+  host array; it is the oracle in tests, not used here.)
 
   Returns:
     dict with ``pl_label`` (N, H, W) uint8, ``pl_weight`` (N, H, W) float32,
@@ -165,15 +142,15 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   st = run.config.self_training
   images = run.data["target_train"].images  # this process's share
   c = run.num_classes
-  portion = pl.target_portion(round_index, st.portion_init, st.portion_step,
-                              st.portion_max)
+  portion = target_portion(round_index, st.portion_init, st.portion_step,
+                           st.portion_max)
 
   # Pass A: streaming thresholds, O(C x bins) memory on device. The network
   # runs once: pass B needs every threshold before it can select a pixel, so
   # pass A keeps the output-stride logits (1/64 of the probabilities' size
   # for DeepLab-v2, on the devices that computed them) and pass B redoes only
   # the upsampling and softmax, bit-identical to a second forward pass.
-  hist = parallel.replicate(pl.init_threshold_histogram(c, st.num_bins),
+  hist = parallel.replicate(init_threshold_histogram(c, st.num_bins),
                             run.mesh)
   cached = []
   probs_jit = None
@@ -181,10 +158,10 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
     probs_jit = probs_jit or _probs_jit(run, size)
     probs = probs_jit(logits)
     valid = jnp.broadcast_to(mask[:, None, None], probs.shape[:3])
-    hist = pl.update_threshold_histogram(hist, probs, subsample=st.subsample,
-                                         valid=valid)
+    hist = update_threshold_histogram(hist, probs, subsample=st.subsample,
+                                      valid=valid)
     cached.append((logits, keep))
-  thresholds = np.asarray(pl.thresholds_from_histogram(
+  thresholds = np.asarray(thresholds_from_histogram(
       jax.device_get(hist), portion), np.float32)
 
   # Pass B: labels, densification, image confidence.
@@ -193,17 +170,17 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   rows = lambda x: parallel.local_rows(x, run.mesh)
   for logits, keep in cached:
     probs = probs_jit(logits)
-    cbst = pl.select(probs, lam)
+    cbst = select(probs, lam)
     dense = cbst
     if st.voting and (phase == 1 or st.phase2_hard_labels == "voted"):
-      dense = pl.densify(probs, cbst, lam, window=st.window, alpha=st.alpha,
-                         num_iters=st.num_iters, pooling=st.pooling,
-                         combine=st.combine, top_k=st.top_k)
+      dense = densify(probs, cbst, lam, window=st.window, alpha=st.alpha,
+                      num_iters=st.num_iters, pooling=st.pooling,
+                      combine=st.combine, top_k=st.top_k)
     before.append(rows(cbst)[keep])
     after.append(rows(dense)[keep])
     if phase == 2:
-      conf.append(rows(pl.image_confidence(probs, lam))[keep])
-      labels, weights = pl.easy_image_labels(probs, lam, gamma=st.gamma)
+      conf.append(rows(image_confidence(probs, lam))[keep])
+      labels, weights = easy_image_labels(probs, lam, gamma=st.gamma)
       full.append(rows(labels)[keep])
       full_w.append(rows(weights)[keep])
   n = int(parallel.sum_over_processes(np.asarray(len(images))))
@@ -216,28 +193,28 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
       "round": round_index, "phase": phase, "portion": float(portion),
       "thresholds": {name: float(v) for name, v in
                      zip(run.class_names, thresholds)},
-      "density_cbst": float(pl.label_density(before)),
+      "density_cbst": float(label_density(before)),
   }
   if phase == 1:
     labels, weights = after, np.ones(after.shape, np.float32)
-    weights[after == IGNORE] = 0.0
+    weights[after == IGNORE_LABEL] = 0.0
     is_easy = np.ones((n,), bool)
-    diag["density_voted"] = float(pl.label_density(after))
+    diag["density_voted"] = float(label_density(after))
     if ground_truth is not None:
-      diag["precision_cbst"] = float(pl.label_precision(before, ground_truth))
-      diag["precision_voted"] = float(pl.label_precision(after, ground_truth))
+      diag["precision_cbst"] = float(label_precision(before, ground_truth))
+      diag["precision_voted"] = float(label_precision(after, ground_truth))
   else:
     conf = whole(conf, np.float32)
-    is_easy = np.asarray(pl.easy_hard_split(jnp.asarray(conf),
-                                            st.easy_fraction))
+    is_easy = np.asarray(easy_hard_split(jnp.asarray(conf),
+                                         st.easy_fraction))
     full = whole(full, np.uint8)
     full_w = whole(full_w, np.float32)
     if st.phase2_hard_labels == "voted":
       # Hard images keep the phase-1 (CBST + voting) labels besides the
       # adversarial term; 'none' leaves them to the adversary alone.
-      hard_labels, hard_w = after, (after != IGNORE).astype(np.float32)
+      hard_labels, hard_w = after, (after != IGNORE_LABEL).astype(np.float32)
     elif st.phase2_hard_labels == "none":
-      hard_labels = np.full_like(after, IGNORE)
+      hard_labels = np.full_like(after, IGNORE_LABEL)
       hard_w = np.zeros(after.shape, np.float32)
     else:
       raise ValueError("self_training.phase2_hard_labels must be 'none' or"
@@ -250,10 +227,10 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
                 confidence_easy_min=float(conf[is_easy].min()) if
                 is_easy.any() else None)
     if ground_truth is not None:
-      diag["precision_cbst"] = float(pl.label_precision(before, ground_truth))
-      diag["precision_easy_full"] = float(pl.label_precision(
+      diag["precision_cbst"] = float(label_precision(before, ground_truth))
+      diag["precision_easy_full"] = float(label_precision(
           full[is_easy], ground_truth[is_easy])) if is_easy.any() else None
-      diag["precision_hard_cbst"] = float(pl.label_precision(
+      diag["precision_hard_cbst"] = float(label_precision(
           before[~is_easy], ground_truth[~is_easy])) if (~is_easy).any() \
           else None
   return {"pl_label": labels, "pl_weight": weights, "is_easy": is_easy,
@@ -325,19 +302,21 @@ def _record_round(run, state, r: int, end: int, diag: dict[str, Any],
   return records
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       method: base.Method) -> dict[str, Any]:
   """Runs the whole self-training pipeline (resumable); returns the summary."""
   config = _copy(config)
-  r1, r2, steps_per_round = rounds_and_steps(config)
+  r1, r2, steps_per_round = rounds_and_steps(config, method)
   os.makedirs(workdir, exist_ok=True)
-  config.model.init_checkpoint = ensure_base_model(
-      config, workdir, lambda m: print(m, flush=True))
-  run = train_loop.setup(config, workdir)
+  st = config.self_training
+  config.model.init_checkpoint = warm_start.ensure_base_model(
+      config, workdir, lambda m: print(m, flush=True),
+      source_only.SOURCE_ONLY, base_steps=st.base_steps,
+      base_learning_rate=st.base_learning_rate)
+  run = train_loop.setup(config, workdir, method)
   try:
     train_loop.write_config(run)
     run.writer.write_hparams(config.to_dict())
-    st = config.self_training
     gt = None
     if st.report_precision:
       # Diagnostics only: never batched, never seen by a step.
@@ -392,8 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           f"pseudo/{k}": v for k, v in diag.items()
           if isinstance(v, (int, float)) and v is not None})
       if phase not in compiled:
-        make = steps.make_phase1_step if phase == 1 else \
-            steps.make_phase2_step
+        make = (method.make_step if phase == 1
+                else method.phase_steps["phase2"])
         compiled[phase] = train_loop.compile_step(
             run, make(run.models, config, run.tx, run.disc_tx))
       # The labels cover the whole split; batches draw from this
@@ -427,3 +406,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return train_loop.finish(run, state, result, extra=extra)
   finally:
     train_loop.close(run)
+

@@ -1,9 +1,11 @@
 """Self-training steps: CBST, CRST (MRKLD) and TPLD phases 1 and 2.
 
-The pseudo labels are computed between rounds by ``jaxda.self_training``
-(the round driver) and arrive in the target batch:
+The pseudo labels are computed between rounds by
+``jaxda.methods.self_training.rounds`` (the round driver) and arrive in the
+target batch:
 
-  ``batch['target']['pl_label']``   (B, H, W) uint8 class ids, 255 = none
+  ``batch['target']['pl_label']``   (B, H, W) uint8 class ids, IGNORE_LABEL
+                                    (``jaxda.types``) = none
   ``batch['target']['pl_weight']``  (B, H, W) float32 per-pixel weight
   ``batch['target']['thresholds']`` (B, C) λ of the round (same every row)
   ``batch['target']['is_easy']``    (B,) bool, phase 2 only
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxda import losses
 from jaxda.methods import base
+from jaxda.types import IGNORE_LABEL
 
 
 def _target_term(logits, labels, thresholds, weights, *, kind, beta,
@@ -85,7 +88,7 @@ def _self_training_loss(models, config, params, batch_stats, src, tgt, *,
     metrics[f"{prefix}_{level}"] = term
     total = total + st.target_weight * w * term
     if mrkld_weight:
-      reg = losses.mrkld_loss(logits=logit, mask=labels != 255)
+      reg = losses.mrkld_loss(logits=logit, mask=labels != IGNORE_LABEL)
       metrics[f"mrkld_{level}"] = reg
       total = total + mrkld_weight * w * reg
   return total, metrics, batch_stats, logits_t
@@ -99,7 +102,7 @@ def make_phase1_step(models: base.Models, config, tx, disc_tx=None):
   def step(state, batch, rng):
     del rng
     src, tgt = batch["source"], batch["target"]
-    labelled = tgt["pl_label"] != 255
+    labelled = tgt["pl_label"] != IGNORE_LABEL
 
     def loss_fn(params):
       total, metrics, stats, _ = _self_training_loss(
@@ -163,9 +166,12 @@ def make_phase2_step(models: base.Models, config, tx, disc_tx):
   return step
 
 
+# Registry entries; ``jaxda.methods`` adds the round driver (and TPLD's
+# phase-2 step and its main-output discriminator).
 CBST = base.Method(name="cbst", make_step=make_phase1_step,
-                   target_labels="pseudo")
+                   target_labels="pseudo", warm_starts_from_source_only=True)
 CRST = base.Method(name="crst", make_step=make_phase1_step,
-                   target_labels="pseudo")
+                   target_labels="pseudo", warm_starts_from_source_only=True)
 TPLD = base.Method(name="tpld", make_step=make_phase1_step,
-                   target_labels="pseudo", discriminator_inputs="entropy")
+                   target_labels="pseudo", discriminator_inputs="entropy",
+                   warm_starts_from_source_only=True)

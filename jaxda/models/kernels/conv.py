@@ -2,27 +2,29 @@
 
 Same parameter tree as `flax.linen.Conv` ('kernel' (kh, kw, C_in, C_out),
 'bias' (C_out,)), so checkpoints and weight importers do not care which
-implementation ran. Why not `nn.Conv` everywhere (benchmarks/NOTES.md,
-measured on a 2-core AVX-512/AMX CPU, jax 0.10.2):
+implementation ran. Why not `nn.Conv` everywhere (on XLA:CPU; timings in
+benchmarks/NOTES.md):
 
 * XLA:CPU runs a convolution's weight gradient as a convolution with an
-  image-sized window; for a 1×1 conv that is 3-4× slower than the same
-  contraction written as a matrix product, which XLA hands to its tuned dot
-  library (YNNPACK). A 1×1 conv *is* a matrix product (strided: of the
-  strided slice), so `impl='auto'` always runs it as one.
+  image-sized window, slower than the same contraction written as a matrix
+  product, which XLA hands to its tuned dot library. A 1×1 conv *is* a
+  matrix product (strided: of the strided slice), so `impl='auto'` always
+  runs it as one.
 * A stride-1 k×k conv is a sum over taps of shifted products. Multiplying
   the input once by all taps' kernels side by side and summing shifted
-  slices of the result (`output_taps_conv`) makes it one large dot: in
-  bfloat16 2-20× faster than XLA's conv (which XLA:CPU converts to float32,
-  no AMX) or im2col, in float32 5× faster for DeepLab's ASPP (2048 -> 19).
-  The shifted sum (`shifted_tap_sum`) has a hand-written transpose: each
-  cotangent pixel lands in one channel block of dZ, a concatenation, where
-  autodiff's sum of kh·kw padded copies cost the bfloat16 step 1.4 s.
+  slices of the result (`output_taps_conv`) makes it one large dot (in
+  bfloat16 it runs on AMX; XLA:CPU's conv converts to float32). The shifted
+  sum (`shifted_tap_sum`) has a hand-written transpose: each cotangent pixel
+  lands in one channel block of dZ, a concatenation, instead of autodiff's
+  sum of kh·kw padded copies.
 * Elsewhere in float32 the im2col matmul (`patches_matmul`, which keeps
-  only its input for the backward pass) beats XLA's conv 1.5-2× for
-  stride 1; strided float32 convs keep XLA's.
+  only its input for the backward pass) beats XLA's conv for stride 1;
+  strided float32 convs keep XLA's.
 
-`choose_impl` holds the rule.
+`choose_impl` holds the rule. All of the above is XLA:CPU's: on cuda,
+rocm and tpu 'auto' runs XLA's own conv for every conv (nothing measured
+there yet; the per-platform table is `kernels/platform.py`), chosen when
+the step is lowered (`platform.per_platform`).
 
 Products accumulate in float32 and return the compute dtype; their
 gradients are computed the same way (cotangent cast to the compute dtype,
@@ -39,6 +41,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from jaxda.models.kernels import platform as platform_lib
 from jaxda.models.kernels import remat
 from jaxda.models.kernels import winograd
 from jaxda.models.kernels.matmul import matmul
@@ -87,8 +90,8 @@ def patches_matmul(x: jax.Array, kernel: jax.Array,
   """`im2col(x, *geometry) @ kernel` that keeps only `x` for the backward.
 
   A plain `matmul(im2col(x), ...)` keeps the kh·kw-times larger patches
-  alive from the forward to the backward pass; with bfloat16 convs that
-  doubled the paper-size step's memory (benchmarks/NOTES.md). Here the
+  alive from the forward to the backward pass (the step's memory grows by
+  that much). Here the
   backward pass rebuilds the patches from `x` (a copy, no FLOPs) and sends
   the patch gradient back through im2col's transpose.
 
@@ -138,11 +141,10 @@ def output_taps_conv(x: jax.Array, kernel: jax.Array,
   (zero outside the image). Multiplying x once by all taps' kernels side by
   side, Z = x @ [W[0, 0] | W[0, 1] | ...] with (kh kw C_out) columns, and
   summing shifted slices of Z gives the same output with a buffer of
-  kh kw C_out channels instead of im2col's kh kw C_in. For DeepLab's ASPP
-  (2048 -> 19 channels, dilations 6-24) that is 171 instead of 18,432
-  channels per pixel: the buffers that doubled the bfloat16 step's memory
-  (benchmarks/NOTES.md), and one dot with K = C_in instead of a K = 9 C_in
-  dot with N = 19. The gradient needs only x (and the small dZ).
+  kh kw C_out channels instead of im2col's kh kw C_in (for DeepLab's ASPP,
+  2048 -> 19 channels: 171 instead of 18,432 per pixel), and one dot with
+  K = C_in instead of a K = 9 C_in dot with N = 19. The gradient needs only
+  x (and the small dZ).
 
   Args:
     x: (B, H, W, C_in) input.
@@ -171,8 +173,7 @@ def shifted_tap_sum(z: jax.Array, kernel_size: tuple, padding: tuple,
   block of dZ: a concatenation of shifted slices. Autodiff's transpose of
   the sum is instead a sum of kh kw zero-padded copies of the cotangent,
   which XLA:CPU evaluates for every element of dZ, with the cotangent's
-  producer (ReLU mask, BatchNorm scale, ...) inlined kh kw times: the
-  bfloat16 step spent 2.1 s of thunk time there (benchmarks/NOTES.md).
+  producer (ReLU mask, BatchNorm scale, ...) inlined kh kw times.
 
   Args:
     z: (B, H, W, kh * kw * C_out) per-tap products; channel block a * kw + c
@@ -270,27 +271,30 @@ def space_to_depth_conv(x: jax.Array, kernel: jax.Array,
 
 def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
                 padding: Sequence[tuple[int, int]], c_in: int, c_out: int,
-                dtype: Any) -> str:
-  """The way a conv runs: 'matmul', 'taps', 'space_to_depth', 'winograd',
-  'patches' or 'lax'.
+                dtype: Any, platform: str | None = 'cpu') -> str:
+  """The way a conv runs on `platform`: 'matmul', 'taps', 'space_to_depth',
+  'winograd', 'patches' or 'lax'.
+
+  'auto' follows `platform_lib.CONV_AUTO`: the CPU rules below on 'cpu',
+  'lax' on cuda, rocm and tpu (unmeasured there). Explicit impls run as
+  asked on every platform.
 
   Float32 stride-1 3×3s with C_in >= MIN_MATMUL_CHANNELS that are not
   'taps' (below) take 'winograd' (`winograd.winograd_conv3x3`: 2.25× fewer
-  FLOPs; 1.6-2.7× faster than 'patches' per bottleneck conv, fwd + bwd);
-  'patches' below is what other float32 stride-1 k×k convs take.
+  FLOPs); 'patches' below is what other float32 stride-1 k×k convs take.
 
-  'auto' (measured on a 2-core AVX-512/AMX CPU, benchmarks/NOTES.md):
+  'auto' (the fastest measured per case on XLA:CPU; benchmarks/NOTES.md):
 
   * 1×1 (any stride): 'matmul', the strided input times the kernel.
-  * stride-1 k×k in low precision: 'taps' (`output_taps_conv`), the fastest
-    there by 2-20× (one large bfloat16 dot on AMX, no im2col copy).
+  * stride-1 k×k in low precision: 'taps' (`output_taps_conv`: one large
+    bfloat16 dot on AMX, no im2col copy).
   * stride-1 k×k in float32 with C_in >= MIN_MATMUL_CHANNELS: 'taps'
     where Z is no larger than the input (kh kw C_out <= C_in: ASPP's
-    2048 -> 19), else 'patches'; narrower ones 'lax'. A float32
-    taps sum is a cheap elementwise producer, which XLA:CPU duplicates into
-    the backward pass's fusions, so each bottleneck's Z (9x its output)
-    stayed alive from the forward pass: 2x the step's memory. (A bfloat16
-    output is materialised by its cast, and nothing is duplicated.)
+    2048 -> 19), else 'patches'; narrower ones 'lax'. (A float32 taps sum
+    is a cheap elementwise producer that XLA:CPU duplicates into the
+    backward pass's fusions, keeping each bottleneck's Z, 9x its output,
+    alive from the forward pass; a bfloat16 output is materialised by its
+    cast, and nothing is duplicated.)
   * strided k×k (stem, discriminators): in low precision 'space_to_depth'
     where the stride divides the kernel (the discriminators' 4×4/2), else
     'patches' (the 7×7/2 stem); 'lax' in float32.
@@ -303,12 +307,17 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
     c_in: input channels.
     c_out: output channels.
     dtype: compute dtype.
+    platform: lowering platform ('cpu', 'cuda', 'rocm', 'tpu'; None: one
+      the rule table does not list).
 
   Returns:
     One of 'matmul', 'taps', 'space_to_depth', 'patches', 'lax'.
   """
   if impl not in IMPLS:
     raise ValueError(f'conv impl {impl!r} not in {IMPLS}')
+  platform_lib.check_conv_impl(impl, platform)
+  if impl == 'auto' and platform_lib.conv_auto_rule(platform) == 'lax':
+    return 'lax'
   kh, kw = kernel_size
   unit_stride = tuple(strides) == (1, 1)
   pointwise = (kh, kw) == (1, 1) and tuple(padding) == ((0, 0), (0, 0))
@@ -338,6 +347,34 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
   return 'winograd' if winograd_shape else 'patches'
 
 
+def run_impl(impl: str, geometry: tuple, x: jax.Array,
+             kernel: jax.Array) -> jax.Array:
+  """The conv by `impl` (a `choose_impl` result), no bias, x.dtype out.
+
+  Args:
+    impl: 'matmul', 'taps', 'space_to_depth', 'winograd', 'patches' or
+      'lax'.
+    geometry: (kernel_size, strides, padding, dilation), hashable tuples.
+    x: (B, H, W, C_in) input in the compute dtype.
+    kernel: (kh, kw, C_in, C_out), x's dtype.
+  """
+  _, strides, padding, dilation = geometry
+  if impl == 'matmul':
+    # The (strided) input itself is the patch matrix: nothing to rebuild.
+    return matmul(im2col(x, *geometry), kernel.reshape(-1, kernel.shape[-1]))
+  if impl == 'taps':
+    return output_taps_conv(x, kernel, padding, dilation).astype(x.dtype)
+  if impl == 'space_to_depth':
+    return space_to_depth_conv(x, kernel, strides, padding).astype(x.dtype)
+  if impl == 'winograd':
+    return winograd.winograd_conv3x3(x, kernel, padding, dilation)
+  if impl == 'patches':
+    return patches_matmul(x, kernel, geometry)
+  return lax.conv_general_dilated(
+      x, kernel, strides, padding, rhs_dilation=dilation,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 class Conv(nn.Module):
   """2-D NHWC convolution with `nn.Conv`'s parameters (see module doc).
 
@@ -352,9 +389,11 @@ class Conv(nn.Module):
     bias_init: bias initializer.
     dtype: compute dtype (None: float32); parameters stay `param_dtype`.
     param_dtype: dtype of the stored parameters.
-    impl: 'auto' (the measured fastest per conv, see `choose_impl`), 'lax'
-      (XLA's conv only, like `nn.Conv`), 'dot' (every conv as an im2col
-      matmul) or 'taps' (stride-1 convs as `output_taps_conv`).
+    impl: 'auto' (the measured fastest per conv on the platform the step
+      is lowered for, see `choose_impl`: CPU rules on cpu, 'lax' on
+      cuda/rocm/tpu), 'lax' (XLA's conv only, like `nn.Conv`), 'dot'
+      (every conv as an im2col matmul), 'taps' (stride-1 convs as
+      `output_taps_conv`) or 'winograd' (3×3 stride-1 convs by Winograd).
   """
   features: int
   kernel_size: Sequence[int]
@@ -370,7 +409,7 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Applies the convolution.
+    """Applies the convolution (the impl per lowering platform).
 
     Args:
       x: (B, H, W, C_in) input.
@@ -389,26 +428,16 @@ class Conv(nn.Module):
                else tuple(tuple(p) for p in self.padding))
     geometry = ((kh, kw), tuple(self.strides), padding,
                 tuple(self.kernel_dilation))
-    impl = choose_impl(self.impl, (kh, kw), self.strides, padding,
-                       x.shape[-1], self.features, dtype)
-    if impl == 'matmul':
-      # The (strided) input itself is the patch matrix: nothing to rebuild.
-      y = matmul(im2col(x, *geometry), kernel.reshape(-1, self.features))
-    elif impl == 'taps':
-      y = output_taps_conv(x, kernel, padding,
-                           self.kernel_dilation).astype(dtype)
-    elif impl == 'space_to_depth':
-      y = space_to_depth_conv(x, kernel, self.strides,
-                              padding).astype(dtype)
-    elif impl == 'winograd':
-      y = winograd.winograd_conv3x3(x, kernel, padding, self.kernel_dilation)
-    elif impl == 'patches':
-      y = patches_matmul(x, kernel, geometry)
-    else:
-      y = lax.conv_general_dilated(
-          x, kernel, tuple(self.strides), padding,
-          rhs_dilation=tuple(self.kernel_dilation),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    choose = functools.partial(choose_impl, self.impl, (kh, kw),
+                               self.strides, padding, x.shape[-1],
+                               self.features, dtype)
+    # One function per distinct impl; None: platforms the table omits.
+    impls = {p: choose(platform=p) for p in (*platform_lib.PLATFORMS, None)}
+    run = {i: functools.partial(run_impl, i, geometry)
+           for i in set(impls.values())}
+    default = run[impls.pop(None)]
+    y = platform_lib.per_platform({p: run[i] for p, i in impls.items()},
+                                  default, x, kernel)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,),
                         self.param_dtype)

@@ -5,17 +5,18 @@ is frozen (an affine map): block n's output is
 ``relu(a_n * conv3_n + b_n + out_{n-1})``. XLA fuses cheap elementwise
 producers into every consumer, duplicating them, so each block's output
 fusion (and, in the backward pass, each ReLU-mask fusion) recomputes the
-chain from every earlier block's conv output: 20 blocks of layer3 become a
-fusion with 120 operands, quadratic work in the depth. Measured on the
-256x512 AdaptSegNet step in float32: ~1.7 s of ~11 s in such fusions
-(benchmarks/NOTES.md).
+chain from every earlier block's conv output: quadratic work in the depth
+(20 blocks of layer3 become one fusion with 120 operands; time it costs:
+benchmarks/NOTES.md).
 
 `lax.optimization_barrier` would say "materialise this", but XLA:CPU
 removes barriers before fusion. A `lax.cond` whose branches both return
 the operand is a real boundary: XLA does not fuse across a conditional, so
 the operand is materialised once and every reader loads it.
 
-Written by hand: neither JAX nor XLA exposes a fusion-boundary op.
+Platforms: cpu only (`lax.platform_dependent`); the identity on cuda, rocm
+and tpu (table: `kernels/platform.py`). Written by hand: neither JAX nor
+XLA exposes a fusion-boundary op.
 """
 
 import jax

@@ -4,7 +4,11 @@ The building block of every matmul-backed conv (`conv`, `winograd`): the
 forward product and both gradient products run in the inputs' dtype with
 float32 accumulation, and on XLA:CPU the low-precision weight gradient
 takes the layout that its tuned dot library (YNNPACK) accepts
-(benchmarks/NOTES.md). Written by hand: no library exposes these rules.
+(benchmarks/NOTES.md). Platforms: the products run everywhere the conv
+forms run (CPU under 'auto', any platform for an explicit `conv_impl`); the
+layout-pinned transpose of `weight_gradient` is cpu only
+(`lax.platform_dependent`; table: `kernels/platform.py`). Written by hand:
+no library exposes these rules.
 """
 
 from jax import lax
@@ -60,10 +64,9 @@ def _contract_rows(x: jax.Array, g: jax.Array) -> jax.Array:
 def _contract_rows_transposed(x: jax.Array, g: jax.Array) -> jax.Array:
   # XLA:CPU hands a dot to its AMX-capable library (YNNPACK) only when the
   # left operand contracts over its minor axis; `x^T g` contracts over
-  # x's major one and falls back to a float32 Eigen product (bfloat16:
-  # 7.5 ms where the layer's forward product takes 1.3). A row-major x^T,
-  # pinned by a layout constraint so that XLA cannot fold the transpose back
-  # into the dot, costs one transpose (~1.3 ms) and makes it 2.4 ms.
+  # x's major one and falls back to a slower float32 Eigen product. A
+  # row-major x^T, pinned by a layout constraint so that XLA cannot fold the
+  # transpose back into the dot, costs one transpose and keeps the fast path.
   xt = layout.with_layout_constraint(x.T, layout.Layout((0, 1)))
   return jnp.dot(xt, g, preferred_element_type=jnp.float32)
 

@@ -5,8 +5,8 @@ pass and recompute them in the backward pass from the saved block input. The
 recomputation depends only on that saved input, so nothing stops XLA from
 scheduling it early: XLA:CPU's scheduler runs every block's recomputation at
 the start of the backward pass, all blocks' activations are alive together
-again, and the remat step is *larger* than the plain one (benchmarks/NOTES.md:
-1.16x at 512x1024 on a DeepLab-v2 ResNet-101 step).
+again, and the remat step can use more memory than the plain one
+(benchmarks/NOTES.md).
 
 `gated_remat` makes the order explicit: in the backward pass the saved input
 is read through a data dependency on the incoming cotangent (`after`), so a
@@ -16,6 +16,8 @@ released only together with its parameter gradients, so the weight-gradient
 products cannot be deferred to the end either. One block's activations are
 alive at a time.
 
+Platforms: all (the order is a data dependency, valid on any backend);
+its memory effect was measured on XLA:CPU only (`kernels/platform.py`).
 Written by hand: neither Flax nor JAX offers a remat tied to the cotangent.
 Only for blocks that do not mutate variables (frozen BatchNorm): the backward
 pass re-applies the block to a snapshot of its variables.

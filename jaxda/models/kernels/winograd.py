@@ -24,8 +24,11 @@ tests/test_winograd.py against a float64 NumPy conv).
 The transforms have hand-written transposes: autodiff's transpose of a
 stride-2 slice is an interior-padded copy, and XLA:CPU evaluates every
 padded copy for every element, with the cotangent's producer inlined into
-each (the pattern that cost the taps conv 1.4 s per step; benchmarks/NOTES.md).
-Written by hand: neither XLA:CPU nor Flax offers a Winograd convolution.
+each (the same pattern as the taps conv's; benchmarks/NOTES.md).
+Platforms: cpu under conv_impl='auto' (measured there); on cuda, rocm and
+tpu only when asked for (conv_impl='winograd'), since 'auto' runs XLA's
+conv there (`kernels/platform.py`). Written by hand: neither XLA:CPU nor
+Flax offers a Winograd convolution.
 """
 
 from collections.abc import Sequence
@@ -197,7 +200,7 @@ def _kernel_transform_fwd(kernel):
 def _kernel_transform_bwd(_, du):
   # dg[a, c] = sum_(ξ, ν) G[ξ, a] G[ν, c] dU[ξ, ν], stacked once: autodiff's
   # transpose of `kernel[a, c]` is 9 zero-padded kernel-sized copies summed,
-  # evaluated for every kernel element (32 ms per layer4 kernel).
+  # evaluated for every kernel element.
   dtype = du[0].dtype  # the kernel's: U has its dtype
   du = [d.astype(jnp.float32) for d in du]
   rows = [[_combine(_G[:, c], du[xi * 4:xi * 4 + 4]) for c in range(3)]

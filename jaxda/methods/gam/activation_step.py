@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxda.methods.gam import matching as am
 from jaxda import losses
 from jaxda.methods import base
-from jaxda.models import activation_taps
+from jaxda.methods.gam import taps as activation_taps
 
 
 def layer_weights(config) -> dict[str, float]:
@@ -49,11 +49,30 @@ def layer_weights(config) -> dict[str, float]:
           for p, w in zip(layers, weights)}
 
 
+def config_problems(config) -> list[str]:
+  """Invalid ``config.gam`` values a user can fix, one line each."""
+  g = config.gam
+  problems = []
+  if not g.layers:
+    problems.append("config.gam.layers must name >= 1 layer")
+  try:
+    layer_weights(config)
+  except ValueError as e:
+    problems.append(str(e))
+  if g.drift_reduction not in am.DRIFT_REDUCTIONS:
+    problems.append(
+        f"config.gam.drift_reduction must be one of {am.DRIFT_REDUCTIONS},"
+        f" got {g.drift_reduction!r}")
+  if not 0.0 <= g.stats_momentum < 1.0:
+    problems.append("config.gam.stats_momentum must be in [0, 1)")
+  return problems
+
+
 def make_step(models: base.Models, config, tx, disc_tx):
   """Builds the GAM step.
 
   Args:
-    models: ``segmenter`` is a ``jaxda.models.activation_taps.ActivationTaps``
+    models: ``segmenter`` is a ``jaxda.methods.gam.taps.ActivationTaps``
       around the segmenter; ``discriminator`` the per-layer activation
       discriminator (one parameter tree per layer key in
       ``state.disc_params``), or None for Gaussian matching only.
@@ -168,4 +187,6 @@ def make_step(models: base.Models, config, tx, disc_tx):
 
 
 GAM = base.Method(name="gam", make_step=make_step,
-                  discriminator_inputs="activations")
+                  discriminator_inputs="activations",
+                  config_problems=config_problems, single_process=True,
+                  warm_starts_from_source_only=True)

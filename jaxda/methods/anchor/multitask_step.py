@@ -11,8 +11,8 @@ with the weights choosing the variant (jaxda's names; the paper's are
 UNVERIFIED): ``mtl_src`` (w_ta = 0), ``mtl_smta`` (w_sa = 0) and ``mtl_a``
 (all three). HeadFreeze is the same step in a second phase whose optimiser
 freezes the late layers (an ``optax.partition`` label, built by the driver,
-``jaxda.anchor``); the step also keeps the frozen part's BatchNorm statistics
-unchanged there. An optional output-space discriminator (AdaptSegNet-style,
+``jaxda.methods.anchor.headfreeze``); the step also keeps the frozen part's
+BatchNorm statistics unchanged there. An optional output-space discriminator (AdaptSegNet-style,
 ``anchor.lambda_adv > 0``) on the main, anchor or both outputs adds the
 "blind" adversarial alignment the paper discusses.
 
@@ -35,14 +35,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxda.tasks import depth_math as depth_estimation
 from jaxda import losses
 from jaxda import optim
 from jaxda.methods import adversarial
 from jaxda.methods import base
+from jaxda.tasks import depth as depth_task
 
-MAIN = "depth"
-ANCHOR = "seg"
+MAIN = depth_task.DEPTH_HEAD
+ANCHOR = depth_task.SEG_HEAD
 TERMS = ("source_main", "source_anchor", "target_anchor")
 ADV_INPUTS = ("main", "anchor", "both")
 
@@ -77,9 +77,7 @@ def discriminator_input(outputs: dict[str, jax.Array], kind: str) -> jax.Array:
   return jnp.concatenate(parts, axis=-1)
 
 
-def discriminator_channels(num_classes: int, kind: str) -> int:
-  """Input channels of D for ``kind`` (1 depth channel, C softmax)."""
-  return {"main": 1, "anchor": num_classes, "both": 1 + num_classes}[kind]
+discriminator_channels = depth_task.discriminator_channels
 
 
 def keep_frozen_stats(new_stats: Any, old_stats: Any,
@@ -158,7 +156,7 @@ def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
       out_s, out_t, stats = outputs_of(params, state.batch_stats, src, tgt)
       terms = {}
       if weights["source_main"]:
-        terms["source_main"] = depth_estimation.log_depth_l1_loss(
+        terms["source_main"] = depth_task.log_depth_l1_loss(
             out_s[MAIN][..., 0], src["depth"])
       if weights["source_anchor"]:
         terms["source_anchor"] = losses.softmax_cross_entropy(
@@ -204,5 +202,5 @@ def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
 
 
 ANCHOR_TASKS = base.Method(
-    name="anchor", make_step=make_step, uses_target_images=True,
-    target_labels="anchor")
+    name="anchor", make_step=make_step, task="depth",
+    uses_target_images=True, target_labels="anchor", single_process=True)

@@ -7,9 +7,10 @@ that, for every submodule whose path is in ``layers`` (e.g.
 ``'backbone/layer2'``, ``'aspp_main'``, paths as in the parameter tree):
 
 1. ``sow``s the raw output into the ``'intermediates'`` collection,
-2. replaces it by its Gaussian-matched version (``jaxda.activation_matching
-   .gaussian_match``) when matching is on, so every later layer sees the
-   matched activation (this is what makes it AdaBN-like),
+2. replaces it by its Gaussian-matched version
+   (``jaxda.methods.gam.matching.gaussian_match``) when matching is on, so
+   every later layer sees the matched activation (this is what makes it
+   AdaBN-like),
 3. ``sow``s what flows on as ``'matched'``.
 
 The statistics live in ``batch_stats['activation_stats'][key]`` beside the
@@ -147,7 +148,7 @@ class ActivationTaps:
       x: (B, ...) input.
       train_bn: forwarded to the model (BatchNorm batch statistics and
         running-statistics update); the activation statistics are never
-        updated here (see ``jaxda.activation_matching.ema_stats``).
+        updated here (see ``jaxda.methods.gam.matching.ema_stats``).
       match: ``'none'`` (taps only), ``'batch'`` (target statistics of this
         batch, gradients through them, as BatchNorm in training) or
         ``'running'`` (the stored target statistics, for inference).

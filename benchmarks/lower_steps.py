@@ -1,0 +1,247 @@
+"""Lowers every method's train step for cpu, cuda and tpu; counts the ops.
+
+  python -m benchmarks.lower_steps --platforms=cpu,cuda,tpu --out DIR [--tiny]
+
+For every method in `jaxda.methods.METHODS` and every phase (its `make_step`
+plus `phase_steps`), builds the models and optimisers from the method's
+default config (`experiments/configs/<name>.py`, `tiny` variant with
+--tiny, else `paper`) at a small spatial size, makes the state abstractly
+(`jax.eval_shape` through the method's own state hook: the loop's
+`create_state`, GAM's `driver.create_state`), jits the step over the mesh
+(`parallel.jit_step`) and lowers it with abstract inputs for each platform
+(`jitted.trace(*args).lower(lowering_platforms=(p,))`): no data, no
+parameters, no accelerator needed. Counts in the StableHLO text:
+`stablehlo.convolution`, `stablehlo.dot_general` and custom_call targets.
+
+Writes DIR/lowering.json
+``{method[:phase]: {platform: {"ok", "error", "convolutions", "dots",
+"custom_calls"}}}`` and prints a table. Under conv_impl='auto' a cuda/tpu
+segmentation step should have convolutions and no Winograd/tap dot chains
+(`jaxda.models.kernels.platform`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import os
+import re
+import sys
+import time
+import types
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+# No data is read: the head sizes come from these class counts.
+NUM_CLASSES = {"segmentation": 19, "depth": 19, "classification": 10}
+# Config module and variant of a method that has no config file of its own.
+CONFIG_OF = {"minent": ("advent", "minent")}
+# State creation hook per method (default: the loop's create_state).
+_STATE_HOOKS = {"gam": "jaxda.methods.gam.driver"}
+
+
+def load_config(name: str, tiny: bool, height: int, width: int):
+  """The method's default config at a small size (batch: one per device)."""
+  module, extra = CONFIG_OF.get(name, (name, ""))
+  variant = ",".join(v for v in ("tiny" if tiny else "paper", extra) if v)
+  config = importlib.import_module(
+      f"experiments.configs.{module}").get_config(variant)
+  config.data.height, config.data.width = height, width
+  config.data.crop_height = config.data.crop_width = 0
+  config.num_devices = -1
+  config.batch_size = jax.device_count()
+  return config
+
+
+def _fake_run(config, method):
+  """A `jaxda.train.loop.Run` with models and optimisers, no data."""
+  from jaxda import parallel  # pylint: disable=g-import-not-at-top
+  from jaxda import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  from jaxda.train import loop  # pylint: disable=g-import-not-at-top
+
+  task = tasks_lib.get_task(method.task)
+  names = tuple(f"c{i}" for i in range(NUM_CLASSES[method.task]))
+  data = {"target_val": types.SimpleNamespace(class_names=names)}
+  built = task.build(config, method, data)
+  return loop.Run(config=config, workdir="", mesh=parallel.make_mesh(),
+                  method=method, task=task, models=built["models"],
+                  data=data, class_names=names, writer=None,
+                  checkpointer=None, tx=built["tx"],
+                  labels_fn=built["labels_fn"], disc_tx=built["disc_tx"],
+                  start_time=time.time())
+
+
+@contextlib.contextmanager
+def _abstract_init():
+  """`parallel.init_replicated` returns shapes (`jax.eval_shape`) instead."""
+  from jaxda import parallel  # pylint: disable=g-import-not-at-top
+  with mock.patch.object(parallel, "init_replicated",
+                         lambda init_fn, mesh: jax.eval_shape(init_fn)):
+    yield
+
+
+def abstract_state(name: str, run):
+  """`(run, state)`: the state's shapes via the method's own state hook."""
+  from jaxda.train import loop  # pylint: disable=g-import-not-at-top
+  hook = _STATE_HOOKS.get(name)
+  with _abstract_init():
+    if hook is None:
+      return run, loop.create_state(run)
+    driver = importlib.import_module(hook)
+    run = driver.build_models(run)
+    return run, driver.create_state(run)
+
+
+def abstract_batch(method, config, num_classes: int) -> dict:
+  """ShapeDtypeStructs of the paired batch the method's step reads."""
+  b, h, w = config.batch_size, config.data.height, config.data.width
+  sds = jax.ShapeDtypeStruct
+  image = sds((b, h, w, 3), jnp.float32)
+  index = sds((b,), jnp.int32)
+  classification = method.task == "classification"
+  label = sds((b,) if classification else (b, h, w), jnp.int32)
+  source = {"image": image, "label": label, "index": index}
+  if method.task == "depth":
+    source["depth"] = sds((b, h, w), jnp.float32)
+  target = {"image": image, "index": index}
+  if method.target_labels in ("ground_truth", "anchor"):
+    target["label"] = label
+  if method.target_labels == "pseudo":
+    target.update(pl_label=sds((b, h, w), jnp.uint8),
+                  pl_weight=sds((b, h, w), jnp.float32),
+                  is_easy=sds((b,), jnp.bool_),
+                  thresholds=sds((b, num_classes), jnp.float32))
+  batch = {}
+  if method.uses_source_images:
+    batch["source"] = source
+  if method.uses_target_images or method.target_labels != "none":
+    batch["target"] = target
+  return batch
+
+
+def count_ops(text: str) -> dict[str, Any]:
+  """Convolution and dot_general counts, custom_call target names (sorted,
+  unique) of StableHLO text."""
+  calls = set(re.findall(r"stablehlo\.custom_call\s*@([\w.$-]+)", text))
+  calls.update(re.findall(r'call_target_name\s*=\s*"([^"]+)"', text))
+  return {"convolutions": len(re.findall(r"stablehlo\.convolution\b", text)),
+          "dots": len(re.findall(r"stablehlo\.dot_general\b", text)),
+          "custom_calls": sorted(calls)}
+
+
+def phases(method) -> dict[str, Any]:
+  """``{'': make_step, phase name: factory, ...}``."""
+  return {"": method.make_step, **dict(method.phase_steps)}
+
+
+def lower_method(name: str, platforms, *, tiny: bool, height: int,
+                 width: int, conv_impl: str | None = None,
+                 only_phase: str | None = None) -> dict[str, dict]:
+  """``{name[:phase]: {platform: result}}`` for one registry entry."""
+  from jaxda import parallel  # pylint: disable=g-import-not-at-top
+  from jaxda.methods import METHODS  # pylint: disable=g-import-not-at-top
+  method = METHODS[name]
+  out = {}
+  try:
+    config = load_config(name, tiny, height, width)
+    if conv_impl is not None:
+      config.model.conv_impl = conv_impl
+    run = _fake_run(config, method)
+    run, state = abstract_state(name, run)
+    batch = abstract_batch(method, config, run.num_classes)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+  except Exception as e:  # pylint: disable=broad-except
+    error = f"set-up: {type(e).__name__}: {e}".splitlines()[0]
+    for phase in phases(method):
+      key = f"{name}:{phase}" if phase else name
+      out[key] = {p: _failed(error) for p in platforms}
+    return out
+  for phase, make in phases(method).items():
+    if only_phase is not None and phase != only_phase:
+      continue
+    key = f"{name}:{phase}" if phase else name
+    out[key] = {}
+    try:
+      step = make(run.models, config, run.tx, run.disc_tx)
+      traced = parallel.jit_step(step, run.mesh).trace(state, batch, rng)
+    except Exception as e:  # pylint: disable=broad-except
+      error = f"trace: {type(e).__name__}: {e}".splitlines()[0]
+      out[key] = {p: _failed(error) for p in platforms}
+      continue
+    for platform in platforms:
+      try:
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        out[key][platform] = {"ok": True, "error": "", **count_ops(text)}
+      except Exception as e:  # pylint: disable=broad-except
+        out[key][platform] = _failed(
+            f"lower: {type(e).__name__}: {e}".splitlines()[0])
+  return out
+
+
+def _failed(error: str) -> dict[str, Any]:
+  return {"ok": False, "error": error[:500], "convolutions": 0, "dots": 0,
+          "custom_calls": []}
+
+
+def table(results: dict[str, dict], platforms) -> str:
+  """One row per step, `convs/dots` (or FAIL) per platform."""
+  width = max([len(k) for k in results] + [4])
+  lines = [f"{'step':<{width}}  " + "  ".join(f"{p:>14}" for p in platforms)]
+  for key, per in results.items():
+    cells = []
+    for p in platforms:
+      r = per.get(p)
+      cells.append("-" if r is None else
+                   f"{r['convolutions']}c/{r['dots']}d" if r["ok"] else "FAIL")
+    lines.append(f"{key:<{width}}  " + "  ".join(f"{c:>14}" for c in cells))
+  errors = [f"  {k} [{p}]: {r['error']}" for k, per in results.items()
+            for p, r in per.items() if not r["ok"]]
+  return "\n".join(lines + (["errors:"] + errors if errors else []))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--platforms", default=",".join(PLATFORMS))
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--tiny", action="store_true",
+                      help="tiny models (default: the paper models)")
+  parser.add_argument("--methods", default="",
+                      help="comma-separated subset (default: all)")
+  parser.add_argument("--height", type=int, default=0,
+                      help="image height (default 32 tiny, 64 paper)")
+  parser.add_argument("--width", type=int, default=0)
+  parser.add_argument("--conv_impl", default=None,
+                      help="override config.model.conv_impl")
+  args = parser.parse_args(argv)
+  from jaxda.methods import METHODS  # pylint: disable=g-import-not-at-top
+  platforms = tuple(p for p in args.platforms.split(",") if p)
+  names = [n for n in args.methods.split(",") if n] or list(METHODS)
+  height = args.height or (32 if args.tiny else 64)
+  width = args.width or 2 * height
+  results = {}
+  os.makedirs(args.out, exist_ok=True)
+  for name in names:
+    t0 = time.time()
+    results.update(lower_method(name, platforms, tiny=args.tiny,
+                                height=height, width=width,
+                                conv_impl=args.conv_impl))
+    print(f"{name}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    # Rewritten after every method: a long paper-model sweep leaves what
+    # it has done so far.
+    with open(os.path.join(args.out, "lowering.json"), "w") as f:
+      json.dump(results, f, indent=1, sort_keys=True)
+  print(table(results, platforms))
+  failed = [k for k, per in results.items()
+            if not all(r["ok"] for r in per.values())]
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,159 @@
+"""How a model's Flax modules are applied: BatchNorm modes and upsampling.
+
+Every caller (train steps, evaluation, pseudo-labelling) runs the networks
+through these functions, so the BatchNorm behaviour of a pass is decided in
+one place (``BN_MODES``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxda import ops
+
+BN_MODES = ("frozen", "train", "source")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The Flax modules of a segmentation run (the only Flax objects a step
+  sees): the segmenter and, for adversarial methods, the discriminator."""
+  segmenter: nn.Module
+  discriminator: nn.Module | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationModels:
+  """The Flax modules of a classification run.
+
+  Attributes:
+    classifier: `jaxda.models.ImageClassifier`.
+    discriminator: global `DomainDiscriminator` or None.
+    region_discriminators: `RegionDiscriminators` (TADA's local ones) or None.
+  """
+  classifier: nn.Module
+  discriminator: nn.Module | None = None
+  region_discriminators: nn.Module | None = None
+
+
+def output_levels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """``('main', 'aux')`` for multi-level models, ``('main',)`` otherwise."""
+  return ("main", "aux") if config.model.multi_level else ("main",)
+
+
+def precision_options(config) -> dict[str, Any]:
+  """``dtype`` / ``conv_impl`` model attributes from ``config.model``.
+
+  bfloat16 compute keeps float32 parameters and float32 logits (the models
+  cast them), so optimiser state and losses stay in full precision.
+
+  Raises:
+    ValueError: an unknown ``config.model.compute_dtype``.
+  """
+  dtype = config.model.get("compute_dtype", "float32")
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.model.compute_dtype={dtype!r}; use 'float32'"
+                     " or 'bfloat16'")
+  return {"dtype": None if dtype == "float32" else jnp.bfloat16,
+          "conv_impl": config.model.get("conv_impl", "auto")}
+
+
+def _check_bn_mode(bn_mode: str) -> None:
+  if bn_mode not in BN_MODES:
+    raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+
+
+def forward(models: Models, params, batch_stats, images, *, bn_mode: str,
+            labelled: bool, training: bool = True):
+  """Runs the segmenter with the configured BatchNorm behaviour.
+
+  ``bn_mode`` (METHODS.md §3.6):
+    * ``'frozen'``: always the stored running statistics, never updated
+      (CRST; needs pretrained statistics).
+    * ``'train'``: batch statistics in every training pass and running
+      statistics updated by every pass, source and target, in order: the
+      originals' ``model.train()`` (AdaptSegNet, ADVENT, IntraDA).
+    * ``'source'``: batch statistics and updates only in passes over the
+      labelled domain; passes over the unlabelled domain use the running
+      statistics and change nothing, so every method normalises target
+      images identically when models train from scratch.
+
+  Args:
+    models: the modules.
+    params: segmenter parameters.
+    batch_stats: BatchNorm running statistics.
+    images: (B, H, W, 3) float32.
+    bn_mode: one of ``BN_MODES``.
+    labelled: the pass is over the domain whose labels train the model.
+    training: False for evaluation, pseudo-labelling and logging passes,
+      which always use (and never touch) the running statistics.
+
+  Returns:
+    ``(outputs, batch_stats)``: dict of (B, h, w, C) logits per level and the
+    (possibly updated) statistics.
+  """
+  _check_bn_mode(bn_mode)
+  variables = {"params": params, "batch_stats": batch_stats}
+  use_batch = training and (
+      bn_mode == "train" or (bn_mode == "source" and labelled))
+  if use_batch:
+    outputs, mutated = models.segmenter.apply(
+        variables, images, train_bn=True, mutable=["batch_stats"])
+    return outputs, mutated["batch_stats"]
+  return models.segmenter.apply(variables, images, train_bn=False), batch_stats
+
+
+def upsample_outputs(outputs: dict[str, jax.Array], size: tuple[int, int], *,
+                     align_corners: bool) -> dict[str, jax.Array]:
+  """Upsamples every level's logits to ``size`` = (H, W) of the input."""
+  return {k: ops.upsample_bilinear(v, size, align_corners=align_corners)
+          for k, v in outputs.items()}
+
+
+def extract_features(models: ClassificationModels, params, batch_stats,
+                     images: jax.Array, *, bn_mode: str, labelled: bool,
+                     training: bool = True):
+  """The classifier's feature extractor G_f, BatchNorm as in ``forward``.
+
+  Args:
+    models: the modules.
+    params: classifier parameters.
+    batch_stats: BatchNorm running statistics (``{}`` without BatchNorm).
+    images: (B, H, W, 3) float32.
+    bn_mode: one of ``BN_MODES``.
+    labelled: the pass is over the domain whose labels train the model.
+    training: False for evaluation passes (running statistics, untouched).
+
+  Returns:
+    ``(feature_map, batch_stats)``: (B, h, w, C) and the (possibly updated)
+    statistics.
+  """
+  _check_bn_mode(bn_mode)
+  variables = {"params": params, "batch_stats": batch_stats}
+  use_batch = training and bool(batch_stats) and (
+      bn_mode == "train" or (bn_mode == "source" and labelled))
+  method = models.classifier.features
+  if use_batch:
+    fmap, mutated = models.classifier.apply(
+        variables, images, train_bn=True, mutable=["batch_stats"],
+        method=method)
+    return fmap, mutated["batch_stats"]
+  return models.classifier.apply(variables, images, train_bn=False,
+                                 method=method), batch_stats
+
+
+def classify(models: ClassificationModels, params,
+             feature_map: jax.Array) -> dict[str, jax.Array]:
+  """Pool + bottleneck + classifier on a (B, h, w, C) conv map.
+
+  Returns:
+    ``{'bottleneck': (B, D), 'logits': (B, num_classes)}``.
+  """
+  return models.classifier.apply({"params": params}, feature_map,
+                                 method=models.classifier.head)
