@@ -234,3 +234,29 @@ def test_one_ignore_label():
           definitions += [f"{name}.{t.id}" for t in targets
                           if isinstance(t, ast.Name) and t.id.isupper()]
   assert definitions == ["jaxda.types.IGNORE_LABEL"], definitions
+
+
+def _layout_block() -> str:
+  readme = (ROOT / "README.md").read_text()
+  section = readme[readme.index("## Layout"):]
+  return section[section.index("```") + 3:section.index("```", section.index("```") + 3)]
+
+
+def test_readme_module_map_matches_the_tree():
+  block = _layout_block()
+  # Every path the map names exists ...
+  named = set()
+  for line in block.splitlines():
+    first = line.split()[0] if line.strip() else ""
+    if first.startswith("jaxda/"):
+      named.add(first.rstrip("/"))
+      assert (ROOT / first).exists(), f"README Layout names missing {first}"
+  # ... and every package of jaxda/ is in the map.
+  packages = {str(p.parent.relative_to(ROOT)) for p in PACKAGE.rglob("__init__.py")}
+  missing = sorted(p for p in packages if p != "jaxda" and p not in named
+                   and not any(p.startswith(n + "/") for n in named))
+  assert not missing, f"packages missing from README's Layout: {missing}"
+  # Every top-level module is named.
+  for path in PACKAGE.glob("*.py"):
+    if path.name != "__init__.py":
+      assert path.name in block or path.stem + ".py" in block, path.name
