@@ -30,7 +30,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock>=3"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock>=3", "transformers>=5"],
     "tf": ["tensorflow-cpu>=2.16"],
     "torch": ["torch==2.13.0"],
 }

@@ -40,11 +40,14 @@ import jax.numpy as jnp
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 # No data is read: the head sizes come from these class counts.
-NUM_CLASSES = {"segmentation": 19, "depth": 19, "classification": 10}
+NUM_CLASSES = {"segmentation": 19, "depth": 19, "normals": 19,
+               "classification": 10}
 # Config module and variant of a method that has no config file of its own.
-CONFIG_OF = {"minent": ("advent", "minent")}
+CONFIG_OF = {"minent": ("advent", "minent"), "gam_cls": ("gam", "digits"),
+             "anchor_normals": ("anchor", "normals")}
 # State creation hook per method (default: the loop's create_state).
-_STATE_HOOKS = {"gam": "jaxda.methods.gam.driver"}
+_STATE_HOOKS = {"gam": "jaxda.methods.gam.driver",
+                "gam_cls": "jaxda.methods.gam.driver"}
 
 
 def load_config(name: str, tiny: bool, height: int, width: int):
@@ -110,6 +113,8 @@ def abstract_batch(method, config, num_classes: int) -> dict:
   source = {"image": image, "label": label, "index": index}
   if method.task == "depth":
     source["depth"] = sds((b, h, w), jnp.float32)
+  if method.task == "normals":
+    source["normals"] = sds((b, h, w, 3), jnp.float32)
   target = {"image": image, "index": index}
   if method.target_labels in ("ground_truth", "anchor"):
     target["label"] = label

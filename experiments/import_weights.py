@@ -5,7 +5,10 @@
 
 ARCH is one of `jaxda.weights.torch_import.ARCHS` (deeplabv2_r101,
 deeplabv2_r50, deeplabv2_tiny, resnet101, resnet50, resnet_tiny, vgg16,
-deeplabv2_vgg16, fc_discriminator). FILE is a PyTorch state dict
+deeplabv2_vgg16, fc_discriminator) or of
+`jaxda.weights.torchvision_import.ARCHS` (torchvision_resnet50: torchvision's
+ImageNet ResNet-50 with `--drop=fc`, for the classifiers'
+`config.model.init_weights`). FILE is a PyTorch state dict
 (`torch.load` with `weights_only=True`; needs the `torch` extra) or an `.npz`
 of named arrays.
 DIR gets an Orbax checkpoint in a run's layout (`DIR/checkpoints/0`) and
@@ -31,11 +34,12 @@ from absl import app
 from absl import flags
 
 from jaxda.weights import torch_import
+from jaxda.weights import torchvision_import
 
 _TORCH = flags.DEFINE_string(
     "torch", None, "PyTorch state-dict file (.pth/.pt) or .npz.",
     required=True)
-_ARCH = flags.DEFINE_enum("arch", None, list(torch_import.ARCHS),
+_ARCH = flags.DEFINE_enum("arch", None, list(torchvision_import.ALL_ARCHS),
                           "Architecture of the file.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _DROP = flags.DEFINE_list(
@@ -46,19 +50,18 @@ _DROP = flags.DEFINE_list(
 def _main(argv):
   del argv
   try:
-    state_dict = torch_import.load_torch_file(_TORCH.value)
-    weights = torch_import.convert_state_dict(
-        state_dict, _ARCH.value, drop_prefixes=tuple(_DROP.value))
+    weights, num_tensors = torchvision_import.convert_file(
+        _TORCH.value, _ARCH.value, tuple(_DROP.value))
     directory = torch_import.save_converted(weights, _OUT.value, {
         "source": _TORCH.value,
         "sha256": torch_import.file_sha256(_TORCH.value),
         "arch": _ARCH.value,
         "dropped_prefixes": list(_DROP.value),
-        "num_tensors_in_file": len(state_dict),
+        "num_tensors_in_file": num_tensors,
     })
   except torch_import.WeightImportError as e:
     sys.exit(f"import_weights: {e}")
-  print(f"{_ARCH.value}: {len(state_dict)} tensors from {_TORCH.value} ->"
+  print(f"{_ARCH.value}: {num_tensors} tensors from {_TORCH.value} ->"
         f" {directory}")
 
 

@@ -45,3 +45,77 @@ def pytest_unconfigure(config):
   del config
   if _MADE_CACHE_DIR:
     shutil.rmtree(_MADE_CACHE_DIR, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# One data cache per test run, shared by both xdist workers.
+# ---------------------------------------------------------------------------
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def shared_data_cache(tmp_path_factory):
+  """One embedded-data cache for the whole run, both xdist workers.
+
+  ``getbasetemp().parent`` is the directory both workers' base temps live
+  in. The generators write each file to a temporary name and rename it, so
+  two workers filling the cache at once is safe without a lock.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  path = root / "shared_data_cache"
+  path.mkdir(parents=True, exist_ok=True)
+  return str(path)
+
+
+# ---------------------------------------------------------------------------
+# xdist scheduling (setup.cfg runs `--dist loadgroup`).
+# ---------------------------------------------------------------------------
+
+# Tests that share a module-scoped fixture run on one worker, so the
+# fixture is built once: {(test file, fixture): xdist group}.
+_FIXTURE_GROUPS = {
+    ("test_reliability.py", "reference"): "reliability_reference",
+    ("test_multiprocess.py", "two_process_run"): "two_process_run",
+    ("test_performance_switches.py", "fp32_step"): "tiny_steps",
+    ("test_performance_switches.py", "frozen_bn_step"): "tiny_steps",
+    ("test_data.py", "scenes"): "scenes",
+}
+# Whole files on one worker: their in-process CLI runs compile the same
+# programs, which the worker then keeps in memory.
+_FILE_GROUPS = {"test_end_to_end.py": "end_to_end"}
+# The longest chains go first, so they start at once and on different
+# workers; everything else fills in around them. Entries with "::" match
+# test ids (a prefix is enough), the others xdist groups.
+_FIRST = ("test_reliability.py::test_sigkill_across_a_tpld_round_boundary",
+          "reliability_reference", "two_process_run", "end_to_end",
+          "test_lowering.py::test_every_method_lowers_for_cuda_and_tpu",
+          "test_anchor.py::test_cli_two_phases_resume_across_boundary",
+          "test_gam.py::test_cli_tiny_end_to_end",
+          "test_real_datasets.py::test_train_gta5_to_cityscapes_layout",
+          "test_multiprocess.py::test_grad_accumulation_equals_the_larger",
+          "test_methods.py::test_step_runs_and_sharded_equals_single_device",
+          "tiny_steps")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  def group_of(item):
+    name = os.path.basename(str(item.fspath))
+    group = _FILE_GROUPS.get(name)
+    for fixture in getattr(item, "fixturenames", ()):
+      group = _FIXTURE_GROUPS.get((name, fixture), group)
+    return group
+  for item in items:
+    group = group_of(item)
+    if group:
+      item.add_marker(pytest.mark.xdist_group(group))
+  def rank(item):
+    group = group_of(item)
+    for i, key in enumerate(_FIRST):
+      if key == group or ("::" in key and key in item.nodeid):
+        return i
+    return len(_FIRST)
+  items.sort(key=rank)  # stable: collection order within a rank

@@ -6,13 +6,12 @@ NumPy references are written here, independently of ``jaxda``.
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import inprocess_cli
 import pytest
 
 from experiments.configs import anchor as anchor_cfg
@@ -24,9 +23,9 @@ from jaxda import state as state_lib
 from jaxda.data import pipeline
 from jaxda.data.embedded import synthetic
 from jaxda.methods.anchor import multitask_step as anchor
+from jaxda import methods
 from jaxda.methods import base
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
 H, W = 32, 64
 
@@ -355,22 +354,19 @@ def test_adversarial_option_trains_discriminator():
 
 
 def _cli(workdir, cache_dir, *overrides):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
-  cmd = [sys.executable, "-m", "experiments.anchor",
-         "--config=experiments/configs/anchor.py:tiny",
-         f"--config.source.data_dir={cache_dir}",
-         f"--config.target.data_dir={cache_dir}",
-         "--config.optim.schedule_steps=4", f"--workdir={workdir}",
-         *overrides]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+  """The CLI in this process (one device, as a CPU user gets)."""
+  args = ["--config=experiments/configs/anchor.py:tiny",
+          f"--config.source.data_dir={cache_dir}",
+          f"--config.target.data_dir={cache_dir}",
+          "--config.optim.schedule_steps=4", f"--workdir={workdir}",
+          *overrides]
+  proc = inprocess_cli.run("anchor", *args)
+  assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
   return proc
 
 
-def test_cli_two_phases_resume_across_boundary(tmp_path):
-  workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+def test_cli_two_phases_resume_across_boundary(tmp_path, shared_data_cache):
+  workdir, cache = str(tmp_path / "run"), shared_data_cache
   # Phase 1 alone: a run stopped at the boundary (checkpoint at step 2)...
   _cli(workdir, cache, "--config.num_steps=2", "--config.anchor.phase2_steps=0")
   # ...resumed across it into HeadFreeze's phase 2.
@@ -400,7 +396,8 @@ def test_resume_inside_phase2_restores_phase2_optimiser(tmp_path):
   config = anchor_cfg.get_config("tiny")
   config.source.data_dir = config.target.data_dir = str(tmp_path / "cache")
   config.num_devices = 1
-  arun = headfreeze.setup(config, str(tmp_path / "run"))
+  arun = headfreeze.setup(config, str(tmp_path / "run"),
+                          methods.get_method(config.method))
   try:
     state = headfreeze.create_state(arun)
     phase2 = headfreeze.to_phase2(arun, state)

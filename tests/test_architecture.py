@@ -38,7 +38,16 @@ LAYERS = (
 PURE_MATH = ("jaxda.methods.self_training.thresholds",
              "jaxda.methods.self_training.densify",
              "jaxda.methods.self_training.easy_hard",
-             "jaxda.methods.gam.matching")
+             "jaxda.methods.gam.matching",
+             "jaxda.methods.daformer",
+             "jaxda.methods.daformer.teacher",
+             "jaxda.methods.daformer.mixing",
+             "jaxda.methods.daformer.photometric",
+             "jaxda.methods.daformer.rare_class",
+             "jaxda.methods.daformer.feature_distance",
+             "jaxda.methods.daformer.masking",
+             "jaxda.methods.daformer.schedule",
+             "jaxda.methods.daformer.hrda_fusion")
 
 
 def _modules() -> dict[str, pathlib.Path]:

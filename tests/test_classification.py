@@ -3,13 +3,12 @@ and the shared run loop end to end (CLI and in-process)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import inprocess_cli
 import pytest
 
 from experiments.configs import classification_common
@@ -20,7 +19,6 @@ from jaxda.train import loop as train_loop
 from jaxda.data.embedded import digits
 from jaxda.data import pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +155,11 @@ def test_config_task_mismatch_is_a_config_error(cache_dir):
 
 def test_tada_cli_end_to_end_and_resume(tmp_path, cache_dir):
   workdir = str(tmp_path / "run")
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
-  cmd = [sys.executable, "-m", "experiments.tada",
-         "--config=experiments/configs/tada.py:tiny",
+  # The CLI in this process (one device, as a CPU user gets).
+  cmd = ["--config=experiments/configs/tada.py:tiny",
          f"--config.source.data_dir={cache_dir}",
          f"--config.target.data_dir={cache_dir}", f"--workdir={workdir}"]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = inprocess_cli.run("tada", *cmd)
   assert proc.returncode == 0, proc.stderr
   assert "tada: target accuracy" in proc.stdout
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -177,7 +172,6 @@ def test_tada_cli_end_to_end_and_resume(tmp_path, cache_dir):
   logged = [l for l in lines if "train/local_attention" in l]
   assert [l["step"] for l in logged] == [2, 4]
   assert all(0.3 <= l["train/local_attention"] <= 1.0 for l in logged)
-  proc = subprocess.run(cmd + ["--config.num_steps=6"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = inprocess_cli.run("tada", *cmd, "--config.num_steps=6")
   assert proc.returncode == 0, proc.stderr
   assert "Resuming from checkpoint step 4" in proc.stdout

@@ -1,7 +1,10 @@
 """Every entry point end to end on the tiny config; resume; user errors.
 
-These run the real CLI (``python -m experiments.<name>``) in a subprocess,
-exactly as a user would, on the embedded benchmark at tiny size.
+These run the real CLI (``experiments.<name>``: same flags, errors and exit
+codes) on the embedded benchmark at tiny size, in this process
+(``inprocess_cli``) so compiled programs are shared between runs; one
+user-error test runs ``python -m`` in a subprocess, exactly as a user would,
+to check the exit code and that no traceback reaches stderr.
 """
 
 import json
@@ -9,12 +12,27 @@ import os
 import subprocess
 import sys
 
+import inprocess_cli
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(module, *args, cache_dir, check=True, xla_flags=None):
+def _run(module, *args, cache_dir, check=True):
+  """The CLI in this process; one device unless ``--config.num_devices``."""
+  # --config must come before its overrides.
+  config = [a for a in args if a.startswith("--config=")]
+  rest = [a for a in args if not a.startswith("--config=")]
+  proc = inprocess_cli.run(module, *config,
+                           f"--config.source.data_dir={cache_dir}",
+                           f"--config.target.data_dir={cache_dir}", *rest)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{module} {args} failed:\n{proc.stdout}\n"
+                         f"{proc.stderr}")
+  return proc
+
+
+def _run_subprocess(module, *args, cache_dir, check=True, xla_flags=None):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
   if xla_flags:
@@ -33,8 +51,8 @@ def _run(module, *args, cache_dir, check=True, xla_flags=None):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data_cache"))
+def cache_dir(shared_data_cache):
+  return shared_data_cache
 
 
 def _check_summary(workdir, method, steps):
@@ -109,7 +127,9 @@ def test_unknown_config_key_is_one_line_error(tmp_path, cache_dir):
 
 
 def test_missing_data_dir_is_one_line_error(tmp_path, cache_dir):
-  proc = _run("source_only", "--config=experiments/configs/source_only.py:tiny",
+  # The one user error run as a real process: exit status 2 and no
+  # traceback on the process's stderr.
+  proc = _run_subprocess("source_only", "--config=experiments/configs/source_only.py:tiny",
               f"--workdir={tmp_path / 'w'}", "--config.source.name=folder",
               f"--config.source.data_dir={tmp_path / 'nope'}",
               cache_dir=cache_dir, check=False)
@@ -181,8 +201,7 @@ def test_batch_not_divisible_by_devices_is_one_line_error(tmp_path,
                                                           cache_dir):
   proc = _run("source_only", _TINY, f"--workdir={tmp_path}",
               "--config.batch_size=3", "--config.num_devices=2",
-              cache_dir=cache_dir, check=False,
-              xla_flags="--xla_force_host_platform_device_count=2")
+              cache_dir=cache_dir, check=False)
   _assert_one_line_error(proc, "batch size 3", "multiple of 2")
 
 

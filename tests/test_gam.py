@@ -8,13 +8,12 @@ shows.
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import inprocess_cli
 import pytest
 
 from experiments.configs import gam as gam_cfg
@@ -28,7 +27,6 @@ from jaxda.methods.gam import activation_step as gam_method
 from jaxda.methods.gam import activation_discriminator
 from jaxda.methods.gam import taps as activation_taps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
 H, W = 32, 64
 EPS = am.EPSILON
@@ -323,17 +321,14 @@ def test_step_keeps_source_frozen_and_trains_the_rest():
 # --------------------------------------------------------------------------
 
 
-def test_cli_tiny_end_to_end(tmp_path):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
+def test_cli_tiny_end_to_end(tmp_path, shared_data_cache):
+  # The CLI in this process (one device, as a CPU user gets).
   workdir = str(tmp_path / "gam")
-  cache = str(tmp_path / "cache")
-  cmd = [sys.executable, "-m", "experiments.gam",
-         "--config=experiments/configs/gam.py:tiny",
-         f"--config.source.data_dir={cache}",
-         f"--config.target.data_dir={cache}", f"--workdir={workdir}"]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  cache = shared_data_cache
+  proc = inprocess_cli.run("gam", "--config=experiments/configs/gam.py:tiny",
+                           f"--config.source.data_dir={cache}",
+                           f"--config.target.data_dir={cache}",
+                           f"--workdir={workdir}")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "activation statistics" in proc.stdout
   assert "target mIoU" in proc.stdout

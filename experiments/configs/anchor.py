@@ -1,6 +1,6 @@
 """Anchor tasks (Li et al., WACV 2021): MTL variants and HeadFreeze.
 
-Main task: per-pixel depth, labelled in the source only (target depth is
+Main task: per-pixel depth (default) or surface normals (``normals``), labelled in the source only (target depth is
 read by evaluation alone). Anchor task: semantic segmentation, labelled in
 both domains.
 
@@ -14,6 +14,14 @@ The default is MTL-a + HeadFreeze. Variants (comma-separated):
                 heads frozen, fresh poly schedule from 1e-4)
   ``no_freeze`` one phase of ``num_steps`` (the plain MTL variant)
   ``adversarial`` + output-space discriminator on the main output
+  ``normals``   surface normals as the main task (the paper's), cosine loss;
+                summary ``target``: ``mean_angle_error``,
+                ``median_angle_error`` (degrees), ``within_11_25``,
+                ``within_22_5``, ``within_30`` (%) and the anchor mIoU.
+                Data: the embedded benchmark's normals (from its scene
+                geometry) or a folder data set with
+                ``DIR/{train,val}/normals/<stem>.npy`` (H, W, 3) unit
+                vectors (zero = none), e.g. SUNCG / NYUv2 exports
   ``tiny``      a few steps on small images (tests)
 e.g. ``:mtl_a,no_freeze`` or ``:mtl_src,freeze,tiny``.
 
@@ -79,6 +87,11 @@ def _adversarial(c):
   c.anchor.adv_input = "main"
 
 
+def _normals(c):
+  c.method = "anchor_normals"
+  c.task = "normals"
+
+
 def _tiny(c):
   common.apply_variant(c, "tiny")
   c.num_steps = 4
@@ -112,4 +125,4 @@ def get_config(variant: str = ""):
   return common.apply_variant(c, variant, {
       "mtl_src": _mtl_src, "mtl_smta": _mtl_smta, "mtl_a": _mtl_a,
       "freeze": _freeze, "no_freeze": _no_freeze,
-      "adversarial": _adversarial, "tiny": _tiny})
+      "adversarial": _adversarial, "normals": _normals, "tiny": _tiny})

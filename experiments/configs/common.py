@@ -1,14 +1,22 @@
 """Shared config fragments: the embedded CPU benchmark and paper presets.
 
 Every field has one comment. Method configs import ``get_base_config`` and
-override; ``variant`` strings (``--config=...py:tiny``) pick presets:
+override; ``variant`` strings (``--config=...py:tiny``) pick presets. Each
+method config lists its presets in ``VARIANTS`` (README's entry-point table
+holds the same names); they combine with commas in any order
+(``:paper,single_ls`` = ``:single_ls,paper``: method switches apply first,
+then the protocol, then its modifiers, then ``tiny``), and a repeated,
+unknown or conflicting combination is a one-line ``ValueError``.
 
 * ``''`` (default): the embedded synthetic benchmark, CPU-sized.
 * ``'tiny'``: a few steps on a handful of small images (tests, smoke runs).
-Several presets combine with commas: ``:paper,single_ls``.
-
-* ``'paper'``: DeepLab-v2 ResNet-101 at 512x1024, batch 1, the originals'
-  optimiser; needs real data (``--config.source.name=folder`` ...).
+* ``'paper'``: the published protocol: DeepLab-v2 ResNet-101, GTA5 at
+  720x1280 and Cityscapes at 512x1024 (``config.source/target.height/
+  width``), batch 1, the originals' optimiser; needs real data. README
+  "Paper protocols" lists every method's (``python -m
+  experiments.protocols``).
+* ``'synthia'``: SYNTHIA -> Cityscapes (16 classes); ``'vgg'``: DeepLab-v2
+  VGG-16 (where the method config offers them).
 
   The published benchmark (each method's config names the number its
   ``paper`` run targets; README "Published vs jaxda"):
@@ -23,6 +31,9 @@ Several presets combine with commas: ``:paper,single_ls``.
   ``python -m experiments.import_weights --arch=resnet101 --drop=layer5
   --torch=DeepLab_resnet_pretrained_init-f81d91e8.pth --out=W``.
 """
+
+import dataclasses
+from typing import Any, Callable
 
 import ml_collections
 
@@ -52,9 +63,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'cityscapes16' (jaxda.data.sources; README "Real datasets")
   c.source.name = "synthetic"
   c.source.data_dir = ""  # folder root; for 'synthetic' the cache dir
+  # Per-domain training size (originals: GTA5 720x1280, SYNTHIA 760x1280,
+  # Cityscapes 512x1024); 0 = the shared config.data size.
+  c.source.height = 0  # source image height after resizing; 0 = data.height
+  c.source.width = 0  # source image width after resizing; 0 = data.width
   c.target = ml_collections.ConfigDict()
   c.target.name = "synthetic"  # as source.name
   c.target.data_dir = ""  # as source.data_dir
+  c.target.height = 0  # target train/val input height; 0 = data.height
+  c.target.width = 0  # target train/val input width; 0 = data.width
 
   c.data = ml_collections.ConfigDict()
   c.data.height = 64  # training/eval image height after resizing
@@ -122,11 +139,43 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 32  # evaluation batch (rounded to the devices)
   c.eval.num_pictures = 4  # target images drawn in the prediction picture
   c.eval.full_resolution = True  # real data: score at the labels' size
+  # 'last' (the last iterate; no target labels used). The originals report
+  # 'best_on_target_val' (ADVENT TEST.MODE best: selection on target val
+  # labels, METHODS.md §3.10); that option is refused (not implemented).
+  c.eval.selection = "last"
+  c.eval.scales = (1.0,)  # input scales whose logits are averaged (CRST 0.9, 1, 1.2)
+  c.eval.flip = False  # also average the mirrored input's logits (CRST)
 
   c.log_every = 50  # steps between metric logs (and NaN checks)
   c.checkpoint_every = 200  # steps between checkpoints
   c.max_checkpoints = 2  # checkpoints kept
   return c
+
+
+
+
+# --------------------------------------------------------------------------
+# Variants: named presets that compose
+# --------------------------------------------------------------------------
+
+# Application order of a variant's kind: whatever the user's order, presets
+# apply method switches first, then the protocol, then its modifiers, then
+# ``tiny`` (which shrinks whatever was chosen), so ``a,b`` == ``b,a``.
+METHOD, PROTOCOL, MODIFIER, SHRINK = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A named preset: ``apply(config)`` changes the config in place."""
+  apply: Callable[[ml_collections.ConfigDict], Any]
+  doc: str  # one line: what it sets (README entry-point table, --help)
+  kind: int = MODIFIER  # METHOD | PROTOCOL | MODIFIER | SHRINK
+  conflicts: tuple[str, ...] = ()  # variants it cannot combine with
+
+
+def variant_names(variants: dict[str, Variant]) -> tuple[str, ...]:
+  """The documented variants of an entry point, in README order."""
+  return tuple(variants)
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str,
@@ -135,53 +184,134 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str,
 
   Args:
     c: the config, changed in place.
-    variant: preset names separated by commas, applied left to right.
-    extra: method-specific presets ``{name: fn(config)}``.
+    variant: preset names separated by commas.
+    extra: the entry point's presets: ``{name: Variant}`` (they compose:
+      any order gives the same config, a conflicting or repeated name is a
+      ``ValueError``), or legacy ``{name: fn(config)}`` applied left to right
+      with ``tiny`` / ``paper`` from here.
 
   Returns:
     ``c``.
   """
   extra = extra or {}
-  for token in [t.strip() for t in (variant or "").split(",") if t.strip()]:
+  tokens = [t.strip() for t in (variant or "").split(",") if t.strip()]
+  if extra and all(isinstance(v, Variant) for v in extra.values()):
+    return _compose(c, tokens, extra)
+  for token in tokens:
     if token in extra:
       extra[token](c)
+    elif token in COMMON:
+      COMMON[token].apply(c)
     else:
-      _apply_common(c, token, sorted(extra))
+      raise ValueError(
+          f"unknown config variant {token!r}; known: "
+          + ", ".join(sorted(set(COMMON) | set(extra))))
   return c
 
 
-def _apply_common(c, variant, extra_names):
-  if variant == "tiny":
-    c.num_steps = 4
-    c.batch_size = 8
-    c.data.height = 32
-    c.data.width = 64
-    c.data.num_train_images = 16
-    c.data.num_val_images = 8
-    c.adversarial.ndf = 8
-    c.log_every = 2
-    c.checkpoint_every = 2
-    c.eval.batch_size = 8
-    c.eval.num_pictures = 2
-    return c
-  if variant == "paper":
-    # METHODS.md §3.9, §4.4: DeepLab-v2 R101, batch 1, 512x1024 crops, SGD
-    # 2.5e-4 poly over 250k, stop at 150k, D Adam 1e-4 (0.9, 0.99).
-    c.model.name = "deeplabv2_resnet101"
-    c.model.bn_mode = "frozen"
-    c.data.height = 512
-    c.data.width = 1024
-    c.data.normalization = "caffe_bgr"
-    c.batch_size = 1
-    c.num_steps = 150_000
-    c.optim.learning_rate = 2.5e-4
-    c.optim.schedule_steps = 250_000
-    c.adversarial.ndf = 64
-    c.adversarial.lambda_adv_main = 0.001
-    c.adversarial.lambda_adv_aux = 0.0002
-    c.log_every = 100
-    c.checkpoint_every = 5000
-    return c
-  raise ValueError(
-      f"unknown config variant {variant!r}; known: "
-      + ", ".join(["tiny", "paper"] + list(extra_names)))
+def _compose(c, tokens, variants):
+  unknown = [t for t in tokens if t not in variants]
+  if unknown:
+    raise ValueError(f"unknown config variant {unknown[0]!r}; known:"
+                     f" {', '.join(variants)}")
+  repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+  if repeated:
+    raise ValueError(f"config variant {repeated[0]!r} given twice")
+  for i, a in enumerate(tokens):
+    for b in tokens[i + 1:]:
+      if b in variants[a].conflicts or a in variants[b].conflicts:
+        raise ValueError(f"config variants {a!r} and {b!r} conflict (they set"
+                         " the same fields differently); pick one")
+  order = list(variants)
+  for token in sorted(tokens, key=lambda t: (variants[t].kind,
+                                             order.index(t))):
+    variants[token].apply(c)
+  return c
+
+
+def _tiny(c):
+  c.num_steps = 4
+  c.batch_size = 8
+  c.data.height = 32
+  c.data.width = 64
+  # One shared tiny size (a paper preset's per-domain sizes are dropped).
+  for role in ("source", "target"):
+    c[role].height = c[role].width = 0
+  c.data.crop_height = c.data.crop_width = 0
+  c.data.num_train_images = 16
+  c.data.num_val_images = 8
+  c.adversarial.ndf = 8
+  c.log_every = 2
+  c.checkpoint_every = 2
+  c.eval.batch_size = 8
+  c.eval.num_pictures = 2
+
+
+# GTA5 -> Cityscapes at the originals' sizes (METHODS.md §3.7, §4.4, §5.3):
+# GTA5 720x1280, Cityscapes 512x1024 (H x W); SYNTHIA: ``synthia`` variant.
+GTA5_SIZE = (720, 1280)
+SYNTHIA_SIZE = (760, 1280)
+CITYSCAPES_SIZE = (512, 1024)
+
+
+def set_sizes(c, source, target):
+  """Per-domain training sizes ``(h, w)``; ``data`` keeps the target's."""
+  c.source.height, c.source.width = source
+  c.target.height, c.target.width = target
+  c.data.height, c.data.width = target
+
+
+def _paper(c):
+  # METHODS.md §3.9, §4.4: DeepLab-v2 R101, batch 1, GTA5 720x1280 and
+  # Cityscapes 512x1024, SGD 2.5e-4 poly over 250k, stop at 150k, D Adam
+  # 1e-4 (0.9, 0.99); BN frozen (the methods that ran model.train() say so).
+  c.model.name = "deeplabv2_resnet101"
+  c.model.bn_mode = "frozen"
+  set_sizes(c, GTA5_SIZE, CITYSCAPES_SIZE)
+  c.data.normalization = "caffe_bgr"
+  c.batch_size = 1
+  c.num_steps = 150_000
+  c.optim.learning_rate = 2.5e-4
+  c.optim.schedule_steps = 250_000
+  c.adversarial.ndf = 64
+  c.adversarial.lambda_adv_main = 0.001
+  c.adversarial.lambda_adv_aux = 0.0002
+  c.log_every = 100
+  c.checkpoint_every = 5000
+
+
+def _synthia(c):
+  # SYNTHIA -> Cityscapes (16 classes; the summary adds the 13-class mIoU*).
+  c.source.name = "synthia"
+  c.target.name = "cityscapes16"
+  if c.source.height:  # A paper-size run: SYNTHIA's own size.
+    c.source.height, c.source.width = SYNTHIA_SIZE
+
+
+def _vgg(c):
+  # DeepLab-v2 VGG-16 (METHODS.md §3.3): one output, no BatchNorm, no 10x
+  # head LR; init: torchvision ImageNet VGG-16 (`experiments.import_weights
+  # --arch=vgg16 --drop=classifier`) as config.model.init_weights.
+  c.model.name = "deeplabv2_vgg16"
+  c.model.multi_level = False
+  c.loss.lambda_seg_aux = 0.0
+  c.adversarial.lambda_adv_aux = 0.0
+  c.minent.lambda_ent_aux = 0.0
+  c.optim.head_lr_mult = 1.0
+
+
+COMMON = {
+    "tiny": Variant(_tiny, "a few steps on a handful of small images (tests,"
+                    " smoke runs)", SHRINK),
+    "paper": Variant(_paper, "the published protocol (README \"Paper"
+                     " protocols\"); needs real data", PROTOCOL),
+}
+VGG = Variant(_vgg, "DeepLab-v2 VGG-16 backbone (single output, no 10x"
+              " head LR)", MODIFIER)
+SYNTHIA = Variant(_synthia, "SYNTHIA -> Cityscapes (16 classes); with"
+                  " `paper`, SYNTHIA at 760x1280", MODIFIER)
+
+
+def variants(**method_variants: Variant) -> dict[str, Variant]:
+  """``tiny``, ``paper`` and the method's own variants (README order)."""
+  return {**COMMON, **method_variants}

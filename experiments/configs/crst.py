@@ -2,16 +2,22 @@
 
 Run:
   python -m experiments.crst --config=experiments/configs/crst.py
-Variants: ``tiny``, ``paper`` (see tpld.py).
+Variants (``VARIANTS``): ``tiny``, ``paper`` (CRST's recipe, 3 rounds,
+the paper's MRKLD α = 0.1; see tpld.py), ``code`` (the released code's
+effective 0.01, which produced the README's 47.39). ``crst:V`` equals
+``tpld:crst,V``.
 
-``paper`` targets GTA5 -> Cityscapes 47.39 mIoU (CRST-MRKLD, R101, CRST README;
-paper 47.1, UNVERIFIED), METHODS.md §14.1. Real data and weights for ``paper``:
-experiments/configs/common.py.
+``paper,code`` targets GTA5 -> Cityscapes 47.39 mIoU (CRST-MRKLD, R101, CRST
+README); ``paper`` the paper's 47.1 (UNVERIFIED), METHODS.md §14.1, §6.2.
+Real data and weights for ``paper``: experiments/configs/common.py.
 """
 
+from experiments.configs import common
 from experiments.configs import tpld
+
+VARIANTS = tpld.CRST_VARIANTS
+PUBLISHED = {"paper": "47.1 (UNVERIFIED)", "paper,code": "47.39"}
 
 
 def get_config(variant: str = ""):
-  return tpld.get_config(",".join(["crst"] + [v for v in variant.split(",")
-                                              if v]))
+  return common.apply_variant(tpld.base_config("crst"), variant, VARIANTS)

@@ -11,8 +11,20 @@ Run:
   python -m experiments.gam --config=experiments/configs/gam.py
 Variants (comma-separated): ``tiny``, ``gaussian_only`` (no
 discriminators), ``disc_only`` (no Gaussian matching), ``code_drift`` (the
-released digits code's drift: weight 1.0 on per-variable means), ``paper``
-(DeepLab-v2 R101 at 512x1024; the paper itself used ERFNet).
+released digits code's drift: weight 1.0 on per-variable means), ``code``
+(that drift and no Gaussian matching: the released code), ``paper``
+(DeepLab-v2 R101 at 512x1024; the paper itself used ERFNet; needs
+``model.init_checkpoint`` from ``experiments.source_only:paper``).
+
+``digits`` (with ``tiny``, ``code``, ``mnist_m``, ``gaussian_only``,
+``disc_only``): DAM's released digits setting on the classification task
+(LeNet, fc3/fc4 discriminators, ADDA optimiser; ``digits_config``), source
+MNIST -> target scikit-learn digits by default (``--config.source.name`` /
+``--config.target.name`` for mnist / usps / svhn files). Targets (released
+code, README rerun): MNIST -> USPS ~95 %, USPS -> MNIST ~98 %,
+SVHN -> MNIST ~74 % (METHODS.md §14.5). ``summary.json`` holds
+``target.accuracy`` and the frozen source model's
+``source_model.target.accuracy``.
 
 The segmentation code of the paper was never released: layers, their
 weights, discriminator architecture and optimisers are jaxda's choices
@@ -30,6 +42,7 @@ run. Real data and weights for ``paper``: experiments/configs/common.py.
 
 import ml_collections
 
+from experiments.configs import classification_common
 from experiments.configs import common
 
 
@@ -53,7 +66,9 @@ def gam_config() -> ml_collections.ConfigDict:
   # Optimiser of the base run: the source-only default recipe.
   g.base_optim = common.get_base_config().optim
   g.report_images = 200  # target images in the activation report
-  g.eval_at_start = True  # target mIoU of the matched source model, step 0
+  g.eval_at_start = True  # target score of the matched source model, step 0
+  g.disc_negative_slope = 0.2  # LeakyReLU slope of the discriminators (0: ReLU)
+  g.require_init_checkpoint = False  # refuse to train a base model (paper)
   return g
 
 
@@ -70,6 +85,12 @@ def _code_drift(c):
   c.gam.drift_reduction = "mean_per_variable"
 
 
+def _code(c):
+  """The released digits code: its drift and no Gaussian matching."""
+  _code_drift(c)
+  c.gam.gaussian_matching = False
+
+
 def _tiny(c):
   common.apply_variant(c, "tiny")
   c.gam.base_steps = 2
@@ -82,12 +103,83 @@ def _tiny(c):
 
 def _paper(c):
   common.apply_variant(c, "paper")
+  # A DeepLab-v2 R101 source model takes hours; train it on purpose.
+  c.gam.require_init_checkpoint = True
   c.gam.layers = ("backbone/layer1", "backbone/layer2", "backbone/layer3",
                   "aspp_main")
   c.gam.disc_features = (256, 256)
 
 
+def digits_config() -> ml_collections.ConfigDict:
+  """DAM's digits setting (``RsEnts/DAM_release`` on ADDA, METHODS.md §10).
+
+  LeNet (fc3 = the classifier's 500-wide ReLU bottleneck, fc4 = its 10
+  logits), MLP discriminators 500-500 + ReLU on fc3 (weight 0.1) and fc4
+  (1.0), vanilla GAN with ADDA's inverted labels, Adam 2e-4 / beta1 0.5,
+  batch 128, 10k steps; the source model: Adam 1e-3, batch 128, 10k steps.
+  Drift and Gaussian matching in the paper's form (0.1 on the sum, matching
+  on); ``code`` switches to the released code's form.
+  """
+  c = classification_common.get_base_config()
+  c.method = "gam_cls"
+  c.gam = gam_config()
+  g = c.gam
+  g.layers = ("bottleneck", "classifier")  # LeNet fc3 (after ReLU), fc4
+  g.layer_weights = (0.1, 1.0)  # scale_feature 0.1 on fc3 (released code)
+  g.disc_features = (500, 500)  # adda/adversary.py
+  g.disc_negative_slope = 0.0  # ReLU
+  g.base_steps = 10_000  # source pre-training (ADDA: 10k iterations)
+  g.base_learning_rate = 1e-3  # ADDA source training: Adam 1e-3
+  base_optim = ml_collections.ConfigDict(c.optim.to_dict())
+  base_optim.optimizer = "adam"
+  base_optim.lr_schedule = "constant"
+  base_optim.weight_decay = 0.0
+  base_optim.adam_b1 = 0.9
+  g.base_optim = base_optim
+  g.report_images = 500
+  c.num_steps = 10_000  # adaptation iterations (ADDA: 10k)
+  c.batch_size = 128  # per domain (ADDA)
+  c.model.name = "lenet"
+  c.model.bottleneck_dim = 500  # fc3
+  c.optim.optimizer = "adam"
+  c.optim.learning_rate = 2e-4  # ADDA adaptation
+  c.optim.adam_b1 = 0.5  # ADDA: Adam(lr, 0.5)
+  c.optim.lr_schedule = "constant"
+  c.optim.weight_decay = 0.0  # the drift term replaces L2 decay
+  c.adversarial.gan = "vanilla"  # ADDA: softmax CE, inverted labels
+  c.adversarial.disc_lr_mult = 1.0  # D: the same Adam as the target net
+  c.log_every = 500
+  c.checkpoint_every = 2000
+  return c
+
+
+def _digits_tiny(c):
+  classification_common.apply_variant(c, "tiny")
+  c.gam.base_steps = 2
+  c.gam.disc_features = (8,)
+  c.gam.report_images = 8
+  c.model.bottleneck_dim = 16
+
+
+_DIGITS_VARIANTS = {"tiny": _digits_tiny, "code": _code,
+                    "gaussian_only": _gaussian_only, "disc_only": _disc_only,
+                    "code_drift": _code_drift,
+                    "mnist_m": lambda c: classification_common.apply_variant(
+                        c, "mnist_m")}
+
+
 def get_config(variant: str = ""):
+  tokens = [t.strip() for t in (variant or "").split(",") if t.strip()]
+  if "digits" in tokens:
+    c = digits_config()
+    for token in tokens:
+      if token == "digits":
+        continue
+      if token not in _DIGITS_VARIANTS:
+        raise ValueError(f"unknown gam digits variant {token!r}; known:"
+                         f" digits, {', '.join(sorted(_DIGITS_VARIANTS))}")
+      _DIGITS_VARIANTS[token](c)
+    return c
   c = common.get_base_config()
   c.method = "gam"
   c.gam = gam_config()
@@ -99,4 +191,5 @@ def get_config(variant: str = ""):
   return common.apply_variant(
       c, variant, {"tiny": _tiny, "gaussian_only": _gaussian_only,
                    "disc_only": _disc_only, "code_drift": _code_drift,
+                   "code": _code,
                    "paper": _paper})

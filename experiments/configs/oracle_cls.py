@@ -9,9 +9,9 @@ Variants (comma-separated, see classification_common): ``tiny``,
 ``paper``: no published target-oracle accuracy (METHODS.md §14.4 lists none).
 ``paper`` on Office-31: ``--config.source.name=office31:amazon
 --config.target.name=office31:webcam`` with ``data_dir`` at the dataset root
-(layout: jaxda/data/office.py); jaxda's ResNet-50 trains from scratch there (no
-ImageNet import for the classifier yet), so expect far less than the published
-numbers.
+(layout: jaxda/data/office.py); ImageNet init:
+``--config.model.init_weights=DIR`` from ``experiments.import_weights
+--arch=torchvision_resnet50 --drop=fc`` (torchvision's resnet50 file).
 """
 
 from experiments.configs import classification_common

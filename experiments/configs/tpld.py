@@ -9,9 +9,20 @@ mIoU.
 
 Run:
   python -m experiments.tpld --config=experiments/configs/tpld.py
-Variants (comma-separated): ``tiny``, ``paper`` (DeepLab-v2 R101, the
-paper's 6 + 3 rounds, CRST's lr 5e-5), ``cbst`` and ``crst`` (the bases:
-no voting, no phase 2; CBST with plain CE, CRST with MRKLD).
+Variants (``VARIANTS``; comma-separated, any order): ``tiny``, ``paper``
+(DeepLab-v2 R101 on CRST's recipe, METHODS.md §6.6: GTA5 resized to
+1052x1914, Cityscapes 1024x2048, random scale 0.5-1.5 and 512x1024 crops,
+mirror, batch 2, constant lr 5e-5, BN frozen, main output only, evaluation
+at scales 0.9 / 1.0 / 1.2 x flip; TPLD: the
+paper's 6 + 3 rounds, voting x3, MRKLD 0.1, phase 2 as Eq. 8: no source
+term, no labels on hard images), ``code`` (CRST's released code: MRKLD
+applied twice, effective 0.01), ``cbst`` and ``crst`` (the bases: no
+voting, no phase 2; CBST with plain CE, CRST with MRKLD; with ``paper`` 3
+rounds as CRST's NUM_ROUNDS = 4), ``synthia``.
+
+``paper`` rounds are 505 steps: 2 epochs over CRST's 505-image target list
+(ClsConfSet) at batch 2; with ``model.init_checkpoint`` unset the source
+base is CRST's recipe (100k steps, lr 2.5e-4 poly).
 
 No official TPLD code exists; every choice the paper leaves open is a field
 below (METHODS.md §7) and is recorded in ``summary.json``.
@@ -71,6 +82,14 @@ def self_training_config() -> ml_collections.ConfigDict:
   return st
 
 
+# CRST (METHODS.md §6.6): GTA5 resized to 1052x1914 (H x W), Cityscapes
+# 1024x2048, then random scale 0.5-1.5 (step 0.1) and 512x1024 crops.
+CRST_SOURCE_SIZE = (1052, 1914)
+CRST_TARGET_SIZE = (1024, 2048)
+# Steps per round: 2 epochs over CRST's 505-image target list at batch 2.
+PAPER_STEPS_PER_ROUND = 505
+
+
 def _cbst(c):
   c.method = "cbst"
   c.self_training.phase1_rounds += c.self_training.phase2_rounds
@@ -83,32 +102,87 @@ def _cbst(c):
 def _crst(c):
   _cbst(c)
   c.method = "crst"
-  c.self_training.mrkld_weight = 0.1
+  c.self_training.mrkld_weight = 0.1  # the paper's α (code: 0.01, `code`)
 
 
 def _tiny(c):
-  common.apply_variant(c, "tiny")
+  common.COMMON["tiny"].apply(c)
+  st = c.self_training
+  # Two rounds either way: one per phase, or two for a single-phase base.
+  st.phase1_rounds = 1 if st.phase2_rounds else 2
+  st.phase2_rounds = min(st.phase2_rounds, 1)
   c.num_steps = 4
-  c.self_training.phase1_rounds = 1
-  c.self_training.phase2_rounds = 1
-  c.self_training.base_steps = 2
-  c.self_training.num_bins = 256
-  c.self_training.num_pictures = 2
+  st.base_steps = 2
+  st.num_bins = 256
+  st.num_pictures = 2
 
 
 def _paper(c):
-  common.apply_variant(c, "paper")
-  c.self_training.phase1_rounds = 6
-  c.self_training.phase2_rounds = 3
-  c.num_steps = 9 * 5000
+  common.COMMON["paper"].apply(c)
+  st = c.self_training
+  common.set_sizes(c, CRST_SOURCE_SIZE, CRST_TARGET_SIZE)
+  c.data.height, c.data.width = common.CITYSCAPES_SIZE
+  c.data.normalization = "imagenet"
+  c.data.flip = True
+  c.data.scale_min, c.data.scale_max, c.data.scale_step = 0.5, 1.5, 0.1
+  c.data.crop_height, c.data.crop_width = common.CITYSCAPES_SIZE
+  c.model.multi_level = False  # CRST: main output only
+  c.model.aspp_branches_used = 4
+  c.model.bn_mode = "frozen"  # model.eval()
+  c.eval.scales, c.eval.flip = (0.9, 1.0, 1.2), True  # CRST's test
+  c.batch_size = 2
   c.optim.learning_rate = 5e-5  # CRST: constant 5e-5
   c.optim.power = 0.0
-  c.batch_size = 2
-  c.self_training.num_iters = 3  # the paper's figure: x3
-  c.self_training.mrkld_weight = 0.1  # TPLD's main tables: MRKLD base
+  c.optim.schedule_steps = -1
+  st.base_steps = 100_000  # CRST's source model (train.py)
+  st.base_learning_rate = 2.5e-4
+  if st.phase2_rounds:  # TPLD (SECONDARY): 6 + 3 rounds
+    st.phase1_rounds, st.phase2_rounds = 6, 3
+    st.num_iters = 3  # the paper's figure: x3
+    st.mrkld_weight = 0.1  # TPLD's main tables: MRKLD base
+    st.phase2_source_weight = 0.0  # Eq. 8: no source term
+    st.phase2_hard_labels = "none"  # Eq. 8: hard images only adversarial
+  else:  # CBST / CRST: NUM_ROUNDS = 4, the last only evaluates
+    st.phase1_rounds = 3
+  c.num_steps = (st.phase1_rounds + st.phase2_rounds) * PAPER_STEPS_PER_ROUND
 
 
-def get_config(variant: str = ""):
+def _code(c):
+  if c.self_training.mrkld_weight:
+    c.self_training.mrkld_weight = 0.01  # CRST code: α applied twice (α²)
+
+
+def _synthia(c):
+  common.SYNTHIA.apply(c)
+  if c.source.height:
+    c.source.height, c.source.width = common.SYNTHIA_SIZE
+
+
+_PAPER = common.Variant(
+    _paper, "CRST recipe: R101, GTA5 1052x1914 / Cityscapes 1024x2048,"
+    " scale 0.5-1.5, 512x1024 crops, batch 2, lr 5e-5", common.PROTOCOL)
+_TINY = common.Variant(_tiny, common.COMMON["tiny"].doc, common.SHRINK)
+_CODE = common.Variant(_code, "released CRST code: MRKLD effective 0.01",
+                       conflicts=("cbst",))
+VARIANTS = {
+    "tiny": _TINY, "paper": _PAPER, "code": _CODE,
+    "cbst": common.Variant(_cbst, "CBST base: no voting, no phase 2, CE",
+                           common.METHOD, conflicts=("crst", "code")),
+    "crst": common.Variant(_crst, "CRST-MRKLD base: no voting, no phase 2",
+                           common.METHOD, conflicts=("cbst",)),
+    "synthia": common.Variant(_synthia, common.SYNTHIA.doc),
+}
+# The CBST / CRST entry points: their method fixed, the rest as here.
+CBST_VARIANTS = {"tiny": _TINY, "paper": _PAPER, "vgg": common.VGG}
+CRST_VARIANTS = {"tiny": _TINY, "paper": _PAPER, "code": _CODE}
+# TPLD on a CBST base (47.8, SECONDARY): ``paper`` with
+# --config.self_training.mrkld_weight=0 (``paper,cbst`` is CBST itself).
+PUBLISHED = {"paper": "51.2 (SECONDARY)",
+             "paper,synthia": "47.3 / 53.5 mIoU* (SECONDARY)"}
+
+
+def base_config(method: str = "tpld") -> ml_collections.ConfigDict:
+  """TPLD's CPU default, switched to ``method`` ('cbst' / 'crst')."""
   c = common.get_base_config()
   c.method = "tpld"
   c.self_training = self_training_config()
@@ -116,6 +190,10 @@ def get_config(variant: str = ""):
   c.optim.learning_rate = 0.005  # constant self-training LR (CRST style)
   c.optim.power = 0.0  # constant LR
   c.adversarial.ndf = 32  # phase-2 discriminator width
-  return common.apply_variant(
-      c, variant, {"cbst": _cbst, "crst": _crst, "tiny": _tiny,
-                   "paper": _paper})
+  if method != "tpld":
+    VARIANTS[method].apply(c)
+  return c
+
+
+def get_config(variant: str = ""):
+  return common.apply_variant(base_config(), variant, VARIANTS)

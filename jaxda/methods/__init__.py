@@ -46,7 +46,12 @@ METHODS: dict[str, base.Method] = {
         dataclasses.replace(
             anchor.ANCHOR_TASKS,
             driver=headfreeze.train_and_evaluate),
+        dataclasses.replace(
+            anchor.ANCHOR_NORMALS,
+            driver=headfreeze.train_and_evaluate),
         dataclasses.replace(gam.GAM,
+                            driver=gam_driver.train_and_evaluate),
+        dataclasses.replace(gam.GAM_CLS,
                             driver=gam_driver.train_and_evaluate),
         # Classification.
         classification.SOURCE_ONLY_CLS,

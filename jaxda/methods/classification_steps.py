@@ -29,15 +29,25 @@ classify = forward.classify
 
 def extract_both(models: ClassificationModels, params, batch_stats,
                  source_images: jax.Array, target_images: jax.Array, *,
-                 bn_mode: str):
+                 bn_mode: str, joint: bool = False):
   """Source then target pass of G_f (adversarial steps), BN as configured.
 
-  Separate passes so BatchNorm sees each domain as ``bn_mode`` says.
+  Separate passes so BatchNorm sees each domain as ``bn_mode`` says; with
+  ``joint`` (and ``bn_mode='train'``) one pass over the concatenated batch,
+  as the thuml / tllib code runs it: batch statistics of the source +
+  target mixture, one running-statistics update.
 
   Returns:
     ``(f_s, f_t, batch_stats)``: (B_s, h, w, C), (B_t, h, w, C) and the
     statistics after both passes.
   """
+  if joint and bn_mode == "train":
+    n = source_images.shape[0]
+    f, stats = extract_features(
+        models, params, batch_stats,
+        jnp.concatenate([source_images, target_images]), bn_mode=bn_mode,
+        labelled=True)
+    return f[:n], f[n:], stats
   f_s, stats = extract_features(models, params, batch_stats, source_images,
                                 bn_mode=bn_mode, labelled=True)
   f_t, stats = extract_features(models, params, stats, target_images,

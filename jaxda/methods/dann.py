@@ -108,7 +108,7 @@ def make_step(models: classification.ClassificationModels, config, tx,
     def loss_fn(params, disc_params):
       f_s, f_t, stats = classification.extract_both(
           models, params, state.batch_stats, src["image"], tgt["image"],
-          bn_mode=bn_mode)
+          bn_mode=bn_mode, joint=bool(config.model.get("bn_joint", False)))
       out = classification.classify(models, params,
                                     jnp.concatenate([f_s, f_t]))
       logits_s = out["logits"][:src["image"].shape[0]]

@@ -91,7 +91,7 @@ def make_step(models: classification.ClassificationModels, config, tx,
     def loss_fn(params, disc_params):
       f_s, f_t, stats = classification.extract_both(
           models, params, state.batch_stats, src["image"], tgt["image"],
-          bn_mode=bn_mode)
+          bn_mode=bn_mode, joint=bool(config.model.get("bn_joint", False)))
       fmap = jnp.concatenate([f_s, f_t])
       metrics = {}
       l_local = 0.0

@@ -26,8 +26,8 @@ DeepLabV2 = deeplab.DeepLabV2
 FCDiscriminator = discriminator.FCDiscriminator
 MultiTaskNet = multitask.MultiTaskNet
 ResNet = resnet.ResNet
-# VGG-16 (torchvision classifier) and DeepLab-v2 VGG-16 (METHODS.md §3.3);
-# build them directly, they are not in the segmenter registry.
+# VGG-16 (torchvision classifier) and DeepLab-v2 VGG-16 (METHODS.md §3.3;
+# in the segmenter registry as 'deeplabv2_vgg16').
 VGG16 = vgg.VGG16
 DeepLabV2VGG = vgg.DeepLabV2VGG
 ImageClassifier = classifier.ImageClassifier
@@ -65,7 +65,12 @@ _SEGMENTERS: dict[str, dict[str, Any]] = {
     # ASPP, two heads) at CPU-test cost; 0.39 M params.
     'deeplabv2_tiny': dict(stage_sizes=(1, 1, 1, 1), base_width=8),
 }
-SEGMENTER_NAMES = tuple(_SEGMENTERS)
+# name -> constructor keyword arguments of DeepLabV2VGG (single output, no
+# BatchNorm; the originals train it without the 10x head LR).
+_VGG_SEGMENTERS: dict[str, dict[str, Any]] = {
+    'deeplabv2_vgg16': dict(base_width=64),
+}
+SEGMENTER_NAMES = tuple(_SEGMENTERS) + tuple(_VGG_SEGMENTERS)
 
 
 def create_segmenter(name: str, num_classes: int,
@@ -82,10 +87,30 @@ def create_segmenter(name: str, num_classes: int,
     An unbound `DeepLabV2`; `apply(variables, x)` maps (B, H, W, 3) images to
     {'main': (B, h, w, C), 'aux': (B, h, w, C)} logits at output stride 8.
   """
+  if name in _VGG_SEGMENTERS:
+    return _create_vgg_segmenter(name, num_classes, **overrides)
   if name not in _SEGMENTERS:
     raise ValueError(f'Unknown segmenter {name!r}; known: {SEGMENTER_NAMES}')
   kwargs = {**_SEGMENTERS[name], **overrides}
   return deeplab.DeepLabV2(num_classes=num_classes, **kwargs)
+
+
+def _create_vgg_segmenter(name: str, num_classes: int, *,
+                          multi_level: bool = False, dtype: Any = None,
+                          remat: bool = False, conv_impl: str = 'auto',
+                          remat_impl: str = 'gated',
+                          **overrides: Any) -> vgg.DeepLabV2VGG:
+  """`DeepLabV2VGG`; options it does not have are refused, not ignored."""
+  del conv_impl, remat_impl  # lax convolutions; no remat to pick.
+  if multi_level:
+    raise ValueError(f'{name} has a single output; set'
+                     ' config.model.multi_level=False')
+  if dtype is not None or remat:
+    raise ValueError(f'{name} computes in float32 without remat; set'
+                     " config.model.compute_dtype='float32' and"
+                     ' config.model.remat=False')
+  return vgg.DeepLabV2VGG(num_classes=num_classes,
+                          **{**_VGG_SEGMENTERS[name], **overrides})
 
 
 def create_discriminator(ndf: int = 64) -> discriminator.FCDiscriminator:

@@ -16,6 +16,13 @@ Feature extractors:
   1x1 conv.
 * ``'resnet_tiny'``: the same structure with one block per stage and width
   8 (tests, CPU smoke runs).
+* ``'torchvision_resnet50'``: torchvision's ResNet-50 (v1.5, stride on
+  the 3×3; `jaxda.models.torchvision_resnet`), the geometry of the ImageNet
+  weights the Office recipes start from (`experiments.import_weights
+  --arch=torchvision_resnet50 --drop=fc`, then `model.init_weights`);
+  ``'torchvision_resnet_tiny'`` is its width-8, one-block-per-stage copy.
+* ``'lenet'``: ADDA's / DAM's LeNet (`LeNet`; with ``bottleneck_dim``
+  500 the bottleneck is its fc3 and the classifier its fc4).
 * ``'small_cnn'``: the digits network: two 3x3 conv + ReLU + 2x2 max-pool
   stages (SAME padding, 32 and 64 channels), so 28x28 digits give a 7x7x64
   map, K = 49 like ResNet-50 at 224. Its head flattens the (attended) map
@@ -38,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxda.models import resnet
+from jaxda.models import torchvision_resnet
 
 
 class SmallCNN(nn.Module):
@@ -59,6 +67,45 @@ class SmallCNN(nn.Module):
                   name=f'conv{i + 1}')(x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     return x
+
+
+class LeNet(nn.Module):
+  """ADDA's / DAM's LeNet feature extractor (``adda/models/lenet.py``).
+
+  conv1 20@5x5 + ReLU, 2x2 max-pool, conv2 50@5x5 + ReLU, 2x2 max-pool,
+  VALID padding (slim's arg scope there): 28x28 digits give a 4x4x50 map,
+  which `ImageClassifier` flattens into fc3 (the bottleneck, 500 + ReLU) and
+  fc4 (the classifier, 10 logits).
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train_bn: bool = False) -> jax.Array:
+    del train_bn  # No BatchNorm.
+    for i, width in enumerate((20, 50)):
+      x = nn.Conv(width, (5, 5), padding='VALID', name=f'conv{i + 1}')(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    return x
+
+
+class DenseReLU(nn.Module):
+  """``relu(x @ kernel + bias)`` with `nn.Dense`'s parameter names and init.
+
+  The bottleneck G_b as one module, so its output (LeNet's fc3 after the
+  ReLU, what DAM's fc3 discriminator sees) is one module call that
+  `jaxda.methods.gam.taps` can tap. (A `nn.Dense` subclass would not do:
+  its inner ``super().__call__`` is a second intercepted call.)
+
+  Attributes:
+    features: output width.
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return nn.relu(jnp.dot(x, kernel) + bias)
 
 
 class ClassificationResNet(nn.Module):
@@ -93,11 +140,16 @@ class ClassificationResNet(nn.Module):
 
 
 # Backbones whose head flattens the conv map instead of averaging it.
-_FLATTEN_HEAD = ('small_cnn',)
+_FLATTEN_HEAD = ('small_cnn', 'lenet')
 _BACKBONES = {
     'small_cnn': lambda: SmallCNN(),
+    'lenet': lambda: LeNet(),
     'resnet50': lambda: ClassificationResNet((3, 4, 6, 3), 64),
     'resnet_tiny': lambda: ClassificationResNet((1, 1, 1, 1), 8),
+    'torchvision_resnet50': lambda: torchvision_resnet.TorchvisionResNet(
+        (3, 4, 6, 3), 64),
+    'torchvision_resnet_tiny': lambda: torchvision_resnet.TorchvisionResNet(
+        (1, 1, 1, 1), 8),
 }
 CLASSIFIER_NAMES = tuple(_BACKBONES)
 
@@ -119,7 +171,7 @@ class ImageClassifier(nn.Module):
       raise ValueError(f'unknown classifier backbone {self.backbone!r}; '
                        f'known: {CLASSIFIER_NAMES}')
     self.feature_extractor = _BACKBONES[self.backbone]()
-    self.bottleneck = nn.Dense(self.bottleneck_dim)
+    self.bottleneck = DenseReLU(self.bottleneck_dim)
     self.classifier = nn.Dense(self.num_classes)
 
   def features(self, x: jax.Array, *, train_bn: bool = False) -> jax.Array:
@@ -129,7 +181,8 @@ class ImageClassifier(nn.Module):
   def head(self, feature_map: jax.Array) -> dict[str, jax.Array]:
     """Pool + G_b + G_y on a (possibly attended) (B, h, w, C) conv map.
 
-    The pooling is a global average (ResNets) or a flatten (``small_cnn``).
+    The pooling is a global average (ResNets) or a flatten (``small_cnn``,
+    ``lenet``).
 
     Returns:
       ``{'pooled': (B, P), 'bottleneck': (B, D), 'logits': (B, C)}``.
@@ -138,7 +191,7 @@ class ImageClassifier(nn.Module):
       pooled = feature_map.reshape(feature_map.shape[0], -1)
     else:
       pooled = jnp.mean(feature_map, axis=(1, 2))
-    bottleneck = nn.relu(self.bottleneck(pooled))
+    bottleneck = self.bottleneck(pooled)
     return {'pooled': pooled, 'bottleneck': bottleneck,
             'logits': self.classifier(bottleneck)}
 

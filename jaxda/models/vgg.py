@@ -147,8 +147,9 @@ class DeepLabV2VGG(nn.Module):
   and `aspp_main`.
 
   Same call signature and output dict as `DeepLabV2` (single level), so
-  method steps can use either. Not in `create_segmenter`'s registry yet; the
-  originals train it with no 10× head LR (`config.optim.head_lr_mult=1`).
+  method steps can use either. In `create_segmenter`'s registry as
+  'deeplabv2_vgg16'; the originals train it with no 10× head LR
+  (`config.optim.head_lr_mult=1`).
 
   Attributes:
     num_classes: number of classes C.

@@ -7,10 +7,12 @@ classification: accuracy, depth: δ<1.25); the run loop calls its hooks.
 from jaxda.tasks import task as base
 from jaxda.tasks import classification
 from jaxda.tasks import depth
+from jaxda.tasks import normals
 from jaxda.tasks import segmentation
 
 TASKS = {t.name: t for t in (segmentation.SEGMENTATION,
-                             classification.CLASSIFICATION, depth.DEPTH)}
+                             classification.CLASSIFICATION, depth.DEPTH,
+                             normals.NORMALS)}
 # The task of configs without a ``task`` field.
 DEFAULT_TASK = segmentation.SEGMENTATION.name
 

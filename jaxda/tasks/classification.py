@@ -93,7 +93,8 @@ def make_classifier_tx(config, progress_steps: int, *,
     opt = optax.sgd(schedule, momentum=o.momentum or None,
                     nesterov=bool(o.nesterov))
   elif o.optimizer == "adam":
-    opt = optax.adam(schedule)
+    # ADDA / DAM: Adam(lr, beta1=0.5).
+    opt = optax.adam(schedule, b1=float(o.get("adam_b1", 0.9)))
   else:
     raise ValueError(f"unknown optimizer {o.optimizer!r}; use 'sgd' or"
                      " 'adam'")
@@ -159,8 +160,12 @@ def init_params(models: forward.ClassificationModels, config, key: jax.Array,
   ``'local'`` (region discriminators, a leading K axis on every leaf).
   """
   k_net, k_global, k_local = jax.random.split(key, 3)
-  images = jnp.zeros((1, config.data.height, config.data.width, 3),
-                     jnp.float32)
+  # Training images have the random crop's size when there is one (the
+  # region discriminators have one parameter set per map position).
+  d = config.data
+  height = d.get("crop_height", 0) or d.height
+  width = d.get("crop_width", 0) or d.width
+  images = jnp.zeros((1, height, width, 3), jnp.float32)
   variables = models.classifier.init(k_net, images)
   fmap = jax.eval_shape(lambda v: models.classifier.apply(
       v, images, method=models.classifier.features), variables)
@@ -192,11 +197,15 @@ def make_predict_fn(models: forward.ClassificationModels, *,
                     bn_mode: str) -> Callable:
   """``predict(state, images) -> probs`` (B, C), running BN statistics."""
 
+  del bn_mode  # Inference always normalises with the running statistics.
+
   def predict(state, images):
-    fmap, _ = forward.extract_features(
-        models, state.params, state.batch_stats, images, bn_mode=bn_mode,
-        labelled=False, training=False)
-    logits = forward.classify(models, state.params, fmap)["logits"]
+    # One full forward (features + head in one apply), so a wrapper of the
+    # classifier (GAM's activation taps, which match fc3/fc4 with stored
+    # statistics) sees the whole network.
+    logits = models.classifier.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, images,
+        train_bn=False)["logits"]
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   return predict
@@ -241,7 +250,24 @@ def format_accuracy_table(result: dict[str, Any]) -> str:
   return "\n".join(rows)
 
 
+def center_crop(config, images: np.ndarray) -> np.ndarray:
+  """The centre ``data.crop_height`` x ``crop_width`` of (N, H, W, 3)
+  images (evaluation of a recipe that trains on random crops: resize 256,
+  centre crop 224); unchanged without a crop."""
+  d = config.data
+  ch, cw = int(d.get("crop_height", 0)), int(d.get("crop_width", 0))
+  h, w = images.shape[1:3]
+  if not (ch and cw) or (ch, cw) == (h, w):
+    return images
+  if ch > h or cw > w:
+    raise ValueError(f"config.data.crop_height/width {ch}x{cw} exceed the"
+                     f" image size {h}x{w}")
+  top, left = (h - ch) // 2, (w - cw) // 2
+  return images[:, top:top + ch, left:left + cw]
+
+
 def _eval_batches(run, images, labels=None):
+  images = center_crop(run.config, images)
   return pipeline.eval_batches(images, labels,
                                batch_size=splits.eval_batch_size(run),
                                mode=run.config.data.normalization)
@@ -296,7 +322,8 @@ def save_pictures(run, state, result: dict[str, Any],
   paths = {
       "target_predictions": visualize.save_classification_grid(
           run.path("pictures", f"target_predictions{suffix}.png"),
-          domain.images[:n], probs.argmax(-1), domain.labels[:n],
+          center_crop(cfg, domain.images[:n]), probs.argmax(-1),
+          domain.labels[:n],
           run.class_names, max_images=n,
           title=f"{cfg.method} on target val (accuracy"
           f" {100 * result['accuracy']:.1f}%)"),
@@ -311,7 +338,8 @@ def save_pictures(run, state, result: dict[str, Any],
     # Colour scale from the maps shown (the colour bar gives the values).
     paths["local_attention"] = visualize.save_heatmap_grid(
         run.path("pictures", f"local_attention{suffix}.png"),
-        domain.images[:n], maps, max_rows=min(n, 8), title=title)
+        center_crop(cfg, domain.images[:n]), maps, max_rows=min(n, 8),
+        title=title)
   history = writers.read_history(run.workdir)
   if history:
     paths["training_curves"] = visualize.save_training_curves(

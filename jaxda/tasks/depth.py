@@ -25,7 +25,7 @@ sums and ``metrics_from_sums`` divides.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -399,6 +399,41 @@ def headline(target: dict[str, Any]) -> tuple[str, float]:
   """Runs are compared by the target's depth delta1."""
   return "depth_delta1", float(target["depth"]["delta1"])
 
+
+def gains(result: dict[str, Any], phase1: dict[str, Any]) -> dict[str, float]:
+  """HeadFreeze's change over its phase 1 (delta1 up, abs-rel down = better)."""
+  return {"delta1": result["depth"]["delta1"] - phase1["depth"]["delta1"],
+          "abs_rel": result["depth"]["abs_rel"] - phase1["depth"]["abs_rel"]}
+
+
+def main_loss(pred: jax.Array, depth: jax.Array) -> jax.Array:
+  """The anchor step's main loss on the (B, H, W, 1) log-depth head."""
+  return log_depth_l1_loss(pred[..., 0], depth)
+
+
+@dataclasses.dataclass(frozen=True)
+class MainTask:
+  """What the anchor-task method needs of a dense main task.
+
+  Attributes:
+    head: name of the main head of the ``MultiTaskNet``.
+    label_key: batch / ``Domain`` field of its ground truth.
+    loss: ``(head output (B, H, W, C), ground truth) -> scalar``.
+    format_result: ``result -> str``, one log line.
+    gains: ``(result, phase-1 result) -> {metric: change}``.
+    discriminator_channels: ``(num_classes, adv_input) -> channels``.
+  """
+  head: str
+  label_key: str
+  loss: Callable[..., jax.Array]
+  format_result: Callable[[dict[str, Any]], str]
+  gains: Callable[..., dict[str, float]]
+  discriminator_channels: Callable[[int, str], int]
+
+
+MAIN = MainTask(head=DEPTH_HEAD, label_key="depth", loss=main_loss,
+                format_result=format_result, gains=gains,
+                discriminator_channels=discriminator_channels)
 
 DEPTH = base.Task(
     name="depth", config_problems=config_problems, load_data=load_data,

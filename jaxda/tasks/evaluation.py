@@ -21,12 +21,21 @@ from jaxda.types import IGNORE_LABEL
 
 
 def make_predict_fn(models: forward.Models, *, bn_mode: str,
-                    align_corners: bool) -> Callable:
+                    align_corners: bool, scales: tuple[float, ...] = (1.0,),
+                    flip: bool = False) -> Callable:
   """``predict(state, images) -> probs`` (B, H, W, C) of the main output.
 
   Runs with running BatchNorm statistics (never updated), as every
-  evaluation or pseudo-labelling pass must.
+  evaluation or pseudo-labelling pass must. ``scales`` / ``flip``: logits
+  averaged over rescaled (and mirrored) inputs (``make_scaled_logits_fn``).
   """
+
+  if tuple(scales) != (1.0,) or flip:
+    scaled = make_scaled_logits_fn(models, bn_mode=bn_mode,
+                                   align_corners=align_corners,
+                                   scales=scales, flip=flip)
+    return lambda state, images: jax.nn.softmax(
+        scaled(state, images, images.shape[1:3]), axis=-1)
 
   logits_fn = make_logits_fn(models, bn_mode=bn_mode)
 
@@ -35,6 +44,36 @@ def make_predict_fn(models: forward.Models, *, bn_mode: str,
                              align_corners=align_corners)
 
   return predict
+
+
+def make_scaled_logits_fn(models: forward.Models, *, bn_mode: str,
+                          align_corners: bool, scales: tuple[float, ...],
+                          flip: bool) -> Callable:
+  """``logits(state, images, size) -> (B, *size, C)`` float32 main logits.
+
+  CRST's test protocol (METHODS.md §3.10: scales 0.9, 1.0, 1.2 x flip):
+  the input is resized by each scale (bilinear, half-pixel, as cv2), each
+  view's logits (and the mirrored view's, mirrored back) are upsampled to
+  ``size`` and averaged. One scale 1.0 without flip is single-scale.
+  """
+  logits_fn = make_logits_fn(models, bn_mode=bn_mode)
+
+  def logits(state, images, size):
+    b, h, w, c = images.shape
+    total = 0.0
+    for s in scales:
+      x = images if s == 1.0 else jax.image.resize(
+          images, (b, max(1, round(h * s)), max(1, round(w * s)), c),
+          "bilinear")
+      for mirrored in ((False, True) if flip else (False,)):
+        view = x[:, :, ::-1] if mirrored else x
+        out = forward.upsample_outputs(
+            {"main": logits_fn(state, view).astype(jnp.float32)},
+            tuple(size), align_corners=align_corners)["main"]
+        total = total + (out[:, :, ::-1] if mirrored else out)
+    return total / (len(scales) * (2 if flip else 1))
+
+  return logits
 
 
 def make_logits_fn(models: forward.Models, *, bn_mode: str) -> Callable:

@@ -75,18 +75,21 @@ def eval_batches(images, labels, *, batch_size: int,
 
 
 def make_confusion_fn(models: forward.Models, num_classes: int, *,
-                      bn_mode: str, align_corners: bool) -> Callable:
-  """``fn(state, batch) -> (C, C)`` with logits upsampled to the label size.
+                      bn_mode: str, align_corners: bool,
+                      scales: tuple[float, ...] = (1.0,),
+                      flip: bool = False) -> Callable:
+  """``fn(state, batch) -> (C, C)`` with logits upsampled to the label size
+  (averaged over ``scales`` x ``flip``: ``evaluation.make_scaled_logits_fn``).
 
   ``batch``: 'image' (B, h, w, 3), 'label' (B, H, W), 'mask' (B,).
   """
 
-  logits_fn = evaluation.make_logits_fn(models, bn_mode=bn_mode)
+  logits_fn = evaluation.make_scaled_logits_fn(
+      models, bn_mode=bn_mode, align_corners=align_corners,
+      scales=tuple(scales), flip=flip)
 
   def confusion(state, batch):
-    logits = forward.upsample_outputs(
-        {"main": logits_fn(state, batch["image"]).astype(jnp.float32)},
-        batch["label"].shape[1:3], align_corners=align_corners)["main"]
+    logits = logits_fn(state, batch["image"], batch["label"].shape[1:3])
     preds = jnp.argmax(logits, axis=-1)
     labels = jnp.where(batch["mask"][:, None, None], batch["label"],
                        types.IGNORE_LABEL)
@@ -94,6 +97,13 @@ def make_confusion_fn(models: forward.Models, num_classes: int, *,
                                      ignore_index=types.IGNORE_LABEL)
 
   return confusion
+
+
+def eval_views(config) -> dict[str, Any]:
+  """``{'scales', 'flip'}`` of ``config.eval`` (default: single scale)."""
+  return {"scales": tuple(float(s) for s in config.eval.get("scales",
+                                                            (1.0,))),
+          "flip": bool(config.eval.get("flip", False))}
 
 
 def add_synthia13(result: dict[str, Any], confusion: np.ndarray,
@@ -113,7 +123,8 @@ def evaluate_target(run, state, step: int, *,
   confusion_fn = jax.jit(
       make_confusion_fn(run.models, run.num_classes,
                         bn_mode=cfg.model.bn_mode,
-                        align_corners=cfg.model.upsample_align_corners),
+                        align_corners=cfg.model.upsample_align_corners,
+                        **eval_views(cfg)),
       in_shardings=(parallel.replicated(run.mesh),
                     parallel.batch_sharded(run.mesh)),
       out_shardings=parallel.replicated(run.mesh))

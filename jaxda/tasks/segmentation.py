@@ -50,6 +50,24 @@ def config_problems(config, method) -> list[str]:
                                                         "bfloat16"),
        f"config.model.compute_dtype={config.model.compute_dtype!r}; use"
        " 'float32' or 'bfloat16'")
+  for role in ("source", "target"):
+    size = (config[role].get("height", 0), config[role].get("width", 0))
+    need(all(isinstance(v, int) and v >= 0 for v in size),
+         f"config.{role}.height/width must be >= 0 (0 = config.data's),"
+         f" got {size}")
+  need(config.data.height >= 1 and config.data.width >= 1,
+       "config.data.height and config.data.width must be >= 1")
+  evaluation_cfg = config.eval
+  scales = tuple(evaluation_cfg.get("scales", (1.0,)))
+  need(len(scales) >= 1 and all(s > 0 for s in scales),
+       f"config.eval.scales must be positive, got {scales}")
+  selection = evaluation_cfg.get("selection", "last")
+  need(selection in ("last", "best_on_target_val"),
+       "config.eval.selection must be 'last' or 'best_on_target_val', got"
+       f" {selection!r}")
+  need(selection != "best_on_target_val",
+       "config.eval.selection='best_on_target_val' (the originals' best"
+       " checkpoint on target val labels) is not implemented; use 'last'")
   return problems
 
 
@@ -122,7 +140,8 @@ def make_predict_jit(run) -> Callable:
   """Jitted ``predict(state, images) -> probs`` at the input size."""
   predict = evaluation.make_predict_fn(
       run.models, bn_mode=run.config.model.bn_mode,
-      align_corners=run.config.model.upsample_align_corners)
+      align_corners=run.config.model.upsample_align_corners,
+      **full_resolution.eval_views(run.config))
   return parallel.jit_inference(predict, run.mesh)
 
 
@@ -142,7 +161,8 @@ def evaluate(run, state, step: int, prefix: str = "target") -> dict[str, Any]:
     return full_resolution.evaluate_target(run, state, step, prefix=prefix)
   predict = evaluation.make_predict_fn(
       run.models, bn_mode=run.config.model.bn_mode,
-      align_corners=run.config.model.upsample_align_corners)
+      align_corners=run.config.model.upsample_align_corners,
+      **full_resolution.eval_views(run.config))
   confusion_fn = jax.jit(
       evaluation.make_confusion_fn(predict, run.num_classes),
       in_shardings=(parallel.replicated(run.mesh),

@@ -12,6 +12,14 @@ from jaxda import parallel
 from jaxda.data import pipeline
 
 
+def domain_size(config, role: str) -> tuple[int, int]:
+  """``(height, width)`` of ``role``'s images: ``config.<role>.height/width``
+  where set (> 0), else the shared ``config.data`` size."""
+  cfg = config[role]
+  return (int(cfg.get("height", 0) or config.data.height),
+          int(cfg.get("width", 0) or config.data.width))
+
+
 def load_data(config, method) -> dict[str, pipeline.Domain]:
   """Loads the splits the method needs; target train labels only if allowed.
 
@@ -19,14 +27,17 @@ def load_data(config, method) -> dict[str, pipeline.Domain]:
   ``train`` split is loaded with ``require_labels=False`` and its labels are
   dropped, whatever the directory holds.
 
+  Each domain loads at its own size (``domain_size``: the originals train
+  GTA5 at 720x1280 and Cityscapes at 512x1024), target val at the target's.
+
   Returns:
     ``{'target_val', 'source_train'?, 'target_train'?}``, this process's
     share of each.
   """
-  height, width = config.data.height, config.data.width
 
   def load(role, split, require_labels, num_images):
     domain_cfg = config[role]
+    height, width = domain_size(config, role)
     return pipeline.load_domain(
         domain_cfg.name, role=role, data_dir=domain_cfg.data_dir or None,
         split=split, height=height, width=width, num_images=num_images,

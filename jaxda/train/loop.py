@@ -39,6 +39,7 @@ from jaxda import writers
 from jaxda.data import augment
 from jaxda.data import pipeline
 from jaxda.data.readers import common as sources
+from jaxda.tasks import splits
 from jaxda.tasks import task as task_base
 from jaxda.train import init_weights
 from jaxda.train.exceptions import ConfigError
@@ -114,8 +115,9 @@ def validate_config(config: ml_collections.ConfigDict, method) -> None:
         f" config.task is {wanted!r}: use a {wanted} method, or the"
         f" {config.method} config (config.task = {method.task!r})")
   problems = []
-  if not config.num_steps >= 0:
-    problems.append("config.num_steps must be >= 0")
+  if not config.num_steps >= 1:
+    # Every entry point alike (self-training rounds need steps too).
+    problems.append(f"config.num_steps must be >= 1, got {config.num_steps}")
   if not config.batch_size >= 1:
     problems.append("config.batch_size must be >= 1")
   if not (config.log_every >= 1 and config.checkpoint_every >= 1):
@@ -219,6 +221,8 @@ def paired_batches(run: Run, start_step: int,
   ``config.data.prefetch`` > 0 a thread builds the next batches while the
   (asynchronously dispatched) step runs, so the device does not wait on
   input; ``config.data.decode_workers`` threads decode upcoming batches.
+  Each domain keeps its own size (``config.<role>.height/width``); the
+  jitted step compiles once per distinct (source, target) shape pair.
   """
   config = run.config
   bs = parallel.local_batch_size(config.batch_size)
@@ -247,17 +251,6 @@ def paired_batches(run: Run, start_step: int,
   size = int(config.data.get("prefetch", 2))
   return pipeline.prefetch(paired(), size) if size > 0 else paired()
 
-
-# --------------------------------------------------------------------------
-# Steps
-# --------------------------------------------------------------------------
-
-
-def compile_step(run: Run, step_fn: Callable | None = None) -> Callable:
-  """Builds the method's step (unless given) and jits it over the mesh."""
-  if step_fn is None:
-    step_fn = run.method.make_step(run.models, run.config, run.tx, run.disc_tx)
-  return parallel.jit_step(step_fn, run.mesh)
 
 # --------------------------------------------------------------------------
 # Steps
@@ -408,7 +401,11 @@ def finish(run: Run, state, result: dict[str, Any], *,
       "seed": int(run.config.seed),
       "steps": int(run.config.num_steps),
       "wall_time_s": round(time.time() - run.start_time, 2),
-      "model_selection": "last",
+      "model_selection": run.config.get("eval", {}).get("selection", "last"),
+      # The per-domain input sizes trained at (target val: the target's).
+      "sizes": {role: list(splits.domain_size(run.config, role))
+                for role in ("source", "target")
+                if f"{role}_train" in run.data or role == "target"},
       "target": target,
       "devices": {"count": int(run.mesh.devices.size),
                   "platform": jax.devices()[0].platform,

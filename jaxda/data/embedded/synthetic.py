@@ -294,3 +294,39 @@ def load_or_generate_depth(cache_dir, domain, split, *, num_images, height=64,
       os.remove(tmp)
     raise
   return depth
+
+
+# ----------------------------------------------------------------------------
+# Per-pixel surface normals: the anchor-task paper's main task (§11).
+# ----------------------------------------------------------------------------
+
+# Camera coordinates of the normals: x right, y down, z forward (into the
+# scene); unit vectors pointing towards the camera side of the surface.
+NORMAL_UP = (0.0, -1.0, 0.0)      # the ground plane
+NORMAL_FACING = (0.0, 0.0, -1.0)  # upright objects (fronts face the camera)
+
+
+def generate_normals(domain, num_images, *, height=64, width=128, seed=0):
+  """Per-pixel unit surface normals of the scenes of `generate`.
+
+  From the layouts' geometry (no extra draws, pixel-aligned like
+  `generate_depth`): an object pixel (z-buffer hit) lies on an upright
+  plane facing the camera, every other pixel with valid depth on the ground
+  plane. Pixels without depth (sky, skyline, beyond `MAX_DEPTH`) get the
+  zero vector (invalid). This is also what back-projecting the depth map
+  with the pinhole camera of `generate_depth` gives: ground points keep a
+  constant camera height, object points a constant depth.
+
+  Returns:
+    float32 (N, H, W, 3) normals (x right, y down, z forward), unit length
+    where valid, 0 where invalid.
+  """
+  normals = np.zeros((num_images, height, width, 3), np.float32)
+  up, facing = np.float32(NORMAL_UP), np.float32(NORMAL_FACING)
+  for idx, (_, _, _, geom) in _rendered_layouts(domain, num_images, height,
+                                                width, seed):
+    valid = _layout_depth(geom, height) > 0
+    obj = (geom['zbuf'] > 0)[..., None]
+    n = np.where(obj, facing, up)
+    normals[idx.start:idx.stop] = np.where(valid[..., None], n, 0.0)
+  return normals

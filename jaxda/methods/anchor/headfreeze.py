@@ -1,7 +1,7 @@
 """Anchor-task adaptation's driver: MTL variants, then HeadFreeze.
 
-``train_and_evaluate(config, workdir)`` runs the ``depth`` task
-(``jaxda.tasks.depth``) through the shared loop (``jaxda.train.loop``:
+``train_and_evaluate(config, workdir)`` runs the method's task (``depth``,
+``jaxda.tasks.depth``, or ``normals``, ``jaxda.tasks.normals``) through the shared loop (``jaxda.train.loop``:
 set-up, data, checkpoints, logging, evaluation, summary) on one global step
 counter, in up to two phases:
 
@@ -70,6 +70,7 @@ class AnchorRun:
   labels_fn2: Callable | None
   phase1_steps: int
   late_regexes: tuple[str, ...]
+  main: Any = None  # depth_task.MainTask of the method (depth, normals)
 
   @property
   def two_phase(self) -> bool:
@@ -157,7 +158,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
           config, frozen + list(late), learning_rate=lr2,
           schedule_steps=config.num_steps - n1)
   return AnchorRun(run=run, tx2=tx2, labels_fn2=labels_fn2, phase1_steps=n1,
-                   late_regexes=late)
+                   late_regexes=late,
+                   main=anchor_steps.MAIN_TASKS[run.method.name])
 
 
 # --------------------------------------------------------------------------
@@ -266,7 +268,8 @@ def train_batches(arun: AnchorRun, start_step: int,
   src = run.data["source_train"]
   iters = {"source": pipeline.train_batches(
       src.images, src.labels, seed=config.seed * 2 + 1,
-      extras={"depth": src.depth}, **common)}
+      extras={arun.main.label_key: getattr(src, arun.main.label_key)},
+      **common)}
   if anchor_steps.uses_target(config, phase):
     tgt = run.data["target_train"]
     iters["target"] = pipeline.train_batches(
@@ -280,7 +283,8 @@ def _compile(arun: AnchorRun, phase: int):
   tx = run.tx if phase == 1 else arun.tx2
   frozen = () if phase == 1 else arun.late_regexes
   step = anchor_steps.make_step(run.models, run.config, tx, run.disc_tx,
-                                phase=phase, frozen_regexes=frozen)
+                                phase=phase, frozen_regexes=frozen,
+                                main=arun.main)
   return train_loop.compile_step(run, step)
 
 
@@ -343,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           phases["phase1"] = dict(phase1, step=n1)
           _write_phases(run, phases)
           run.log(f"end of phase 1 (step {n1}):"
-                  f" {depth_task.format_result(phase1)}")
+                  f" {arun.main.format_result(phase1)}")
         state = to_phase2(arun, state)
         start = n1
       state = train_loop.run_steps(run, state, _compile(arun, 2),
@@ -358,10 +362,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       p1 = phases["phase1"]
       extra["phase1"] = p1
       extra["headfreeze_gain"] = {
-          "delta1": result["depth"]["delta1"] - p1["depth"]["delta1"],
-          "abs_rel": result["depth"]["abs_rel"] - p1["depth"]["abs_rel"],
+          **arun.main.gains(result, p1),
           "anchor_miou": result["anchor"]["miou"] - p1["anchor"]["miou"]}
-      run.log("end of phase 1: " + depth_task.format_result(p1))
+      run.log("end of phase 1: " + arun.main.format_result(p1))
     return train_loop.finish(run, state, result, extra=extra)
   finally:
     train_loop.close(run)

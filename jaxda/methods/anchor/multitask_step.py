@@ -23,8 +23,9 @@ training batch statistics and the running ones describe the same mixture;
 an unlabelled target pass (adversarial only) uses and keeps the running
 statistics, as ``bn_mode='source'`` does everywhere in jaxda.
 
-Batch contract: ``{'source': {'image', 'label' (anchor), 'depth'},
-'target': {'image', 'label' (anchor)}}``; target depth never enters a step.
+Batch contract: ``{'source': {'image', 'label' (anchor), 'depth' or
+'normals'}, 'target': {'image', 'label' (anchor)}}``; the target's main
+labels never enter a step.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from jaxda import optim
 from jaxda.methods import adversarial
 from jaxda.methods import base
 from jaxda.tasks import depth as depth_task
+from jaxda.tasks import normals as normals_task
 
 MAIN = depth_task.DEPTH_HEAD
 ANCHOR = depth_task.SEG_HEAD
@@ -64,11 +66,13 @@ def uses_target(config: ml_collections.ConfigDict, phase: int) -> bool:
           or config.anchor.lambda_adv > 0)
 
 
-def discriminator_input(outputs: dict[str, jax.Array], kind: str) -> jax.Array:
-  """What D sees: log-depth, anchor softmax, or both, (B, H, W, C_d)."""
+def discriminator_input(outputs: dict[str, jax.Array], kind: str,
+                        main_head: str = MAIN) -> jax.Array:
+  """What D sees: the main output (log-depth, normals), anchor softmax, or
+  both, (B, H, W, C_d)."""
   parts = []
   if kind in ("main", "both"):
-    parts.append(outputs[MAIN])
+    parts.append(outputs[main_head])
   if kind in ("anchor", "both"):
     parts.append(adversarial.discriminator_input(outputs[ANCHOR], "softmax"))
   if not parts:
@@ -96,7 +100,8 @@ def keep_frozen_stats(new_stats: Any, old_stats: Any,
 
 def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
               disc_tx=None, *, phase: int = 1,
-              frozen_regexes: Sequence[str] = ()) -> base.StepFn:
+              frozen_regexes: Sequence[str] = (),
+              main: depth_task.MainTask = depth_task.MAIN) -> base.StepFn:
   """Builds the multi-task step of ``phase``.
 
   Args:
@@ -109,6 +114,7 @@ def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
     phase: 1 or 2; picks the loss weights.
     frozen_regexes: parameter-path regexes frozen in this phase; the
       BatchNorm statistics under them are not updated either.
+    main: the main task (head, batch key, loss): depth or normals.
 
   Returns:
     ``step(state, batch, rng) -> (state, metrics)``.
@@ -156,8 +162,8 @@ def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
       out_s, out_t, stats = outputs_of(params, state.batch_stats, src, tgt)
       terms = {}
       if weights["source_main"]:
-        terms["source_main"] = depth_task.log_depth_l1_loss(
-            out_s[MAIN][..., 0], src["depth"])
+        terms["source_main"] = main.loss(out_s[main.head],
+                                         src[main.label_key])
       if weights["source_anchor"]:
         terms["source_anchor"] = losses.softmax_cross_entropy(
             logits=out_s[ANCHOR], labels=src["label"])
@@ -168,8 +174,8 @@ def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
       metrics = dict(terms)
       d_inputs = None
       if use_adv:
-        d_in_s = discriminator_input(out_s, adv_kind)
-        d_in_t = discriminator_input(out_t, adv_kind)
+        d_in_s = discriminator_input(out_s, adv_kind, main.head)
+        d_in_t = discriminator_input(out_t, adv_kind, main.head)
         d_out_t = disc.apply({"params": state.disc_params["main"]}, d_in_t)
         adv = losses.generator_adv_loss(d_out=d_out_t, gan=gan)
         metrics["adv"] = adv
@@ -201,6 +207,21 @@ def make_step(models: base.Models, config: ml_collections.ConfigDict, tx,
   return step
 
 
+def make_normals_step(models, config, tx, disc_tx=None, **kwargs):
+  """``make_step`` with surface normals as the main task."""
+  return make_step(models, config, tx, disc_tx, main=normals_task.MAIN,
+                   **kwargs)
+
+
 ANCHOR_TASKS = base.Method(
     name="anchor", make_step=make_step, task="depth",
     uses_target_images=True, target_labels="anchor", single_process=True)
+# The paper's main task: surface normals (``experiments/configs/anchor.py:
+# normals``).
+ANCHOR_NORMALS = base.Method(
+    name="anchor_normals", make_step=make_normals_step, task="normals",
+    uses_target_images=True, target_labels="anchor", single_process=True)
+
+# Main task of each anchor method, for its driver.
+MAIN_TASKS = {ANCHOR_TASKS.name: depth_task.MAIN,
+              ANCHOR_NORMALS.name: normals_task.MAIN}

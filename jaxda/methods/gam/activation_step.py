@@ -30,9 +30,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxda.methods.gam import matching as am
 from jaxda import losses
 from jaxda.methods import base
+from jaxda.methods.gam import matching as am
 from jaxda.methods.gam import taps as activation_taps
 
 
@@ -68,31 +68,64 @@ def config_problems(config) -> list[str]:
   return problems
 
 
-def make_step(models: base.Models, config, tx, disc_tx):
+def segmentation_source_loss(config):
+  """``loss(outputs, images, labels) -> (loss, metrics)``: multi-level CE on
+  upsampled logits (the optional source term of a segmentation run)."""
+  align = config.model.upsample_align_corners
+  lambda_aux = config.loss.lambda_seg_aux
+
+  def loss(outputs, images, labels):
+    logits = base.upsample_outputs(outputs, images.shape[1:3],
+                                   align_corners=align)
+    return base.segmentation_loss(logits, labels, lambda_aux=lambda_aux)
+
+  return loss
+
+
+def classification_source_loss(config):
+  """``loss(outputs, images, labels)``: CE of a classifier's ``logits``."""
+  del config
+
+  def loss(outputs, images, labels):
+    del images
+    ce = losses.softmax_cross_entropy(logits=outputs["logits"],
+                                      labels=labels)
+    return ce, {"ce": ce}
+
+  return loss
+
+
+def make_step(models, config, tx, disc_tx, *,
+              source_loss=segmentation_source_loss,
+              frozen=base.frozen_regexes):
   """Builds the GAM step.
 
   Args:
-    models: ``segmenter`` is a ``jaxda.methods.gam.taps.ActivationTaps``
-      around the segmenter; ``discriminator`` the per-layer activation
-      discriminator (one parameter tree per layer key in
-      ``state.disc_params``), or None for Gaussian matching only.
+    models: the task's models whose network (``segmenter`` or
+      ``classifier``, ``taps.network_field``) is a
+      ``jaxda.methods.gam.taps.ActivationTaps``; ``discriminator`` the
+      per-layer activation discriminator (one parameter tree per layer key
+      in ``state.disc_params``), or None for Gaussian matching only.
     config: the run config (``config.gam``, ``config.adversarial.gan``,
       ``config.model.bn_mode``).
     tx: optimiser of the target network.
     disc_tx: optimiser of the discriminators.
+    source_loss: ``config -> loss(outputs, images, labels)``, the task's
+      supervised loss (only with ``config.gam.source_weight`` > 0).
+    frozen: ``config -> regexes`` of parameters the optimiser never updates
+      (left out of ``grad_norm``).
 
   Returns:
     ``step(state, batch, rng) -> (state, metrics)`` over a
     ``jaxda.state.FrozenSourceTrainState``.
   """
   g = config.gam
-  taps = models.segmenter
+  taps = getattr(models, activation_taps.network_field(models))
   disc = models.discriminator if g.discriminators else None
   weights = layer_weights(config)
   gan = config.adversarial.gan
   bn_mode = config.model.bn_mode
-  align = config.model.upsample_align_corners
-  lambda_aux = config.loss.lambda_seg_aux
+  supervised = source_loss(config) if g.source_weight else None
   match = "batch" if g.gaussian_matching else "none"
   boundary = 0.5 if gan.lower() == "ls" else 0.0
 
@@ -117,10 +150,7 @@ def make_step(models: base.Models, config, tx, disc_tx):
         outputs, _, stats = taps.apply_with_taps(
             {"params": params, "batch_stats": stats}, src["image"],
             train_bn=labelled_bn, match="none")
-        logits = base.upsample_outputs(outputs, src["image"].shape[1:3],
-                                       align_corners=align)
-        seg, seg_metrics = base.segmentation_loss(logits, src["label"],
-                                                  lambda_aux=lambda_aux)
+        seg, seg_metrics = supervised(outputs, src["image"], src["label"])
         metrics.update(seg_metrics, seg_loss=seg)
         total = total + g.source_weight * seg
       _, target_taps, stats = taps.apply_with_taps(
@@ -180,13 +210,26 @@ def make_step(models: base.Models, config, tx, disc_tx):
       new_state = base.update_discriminators(new_state, disc_tx, d_grads)
       metrics.update(d_metrics)
     metrics.update(loss=loss, grad_norm=base.trainable_norm(
-        grads, base.frozen_regexes(config)))
+        grads, frozen(config)))
     return new_state, metrics
 
   return step
+
+
+def make_classification_step(models, config, tx, disc_tx):
+  """The GAM step of a classifier (DAM's digits setting, METHODS.md §10)."""
+  return make_step(models, config, tx, disc_tx,
+                   source_loss=classification_source_loss,
+                   frozen=lambda c: list(c.optim.frozen_regexes))
 
 
 GAM = base.Method(name="gam", make_step=make_step,
                   discriminator_inputs="activations",
                   config_problems=config_problems, single_process=True,
                   warm_starts_from_source_only=True)
+# DAM's released digits setting: LeNet, fc3 / fc4 discriminators.
+GAM_CLS = base.Method(name="gam_cls", make_step=make_classification_step,
+                      task="classification",
+                      discriminator_inputs="activations",
+                      config_problems=config_problems, single_process=True,
+                      warm_starts_from_source_only=True)

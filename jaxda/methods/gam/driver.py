@@ -42,6 +42,7 @@ from jaxda import state as state_lib
 from jaxda import writers
 from jaxda.data import pipeline
 from jaxda.methods import base
+from jaxda.methods import classification_steps
 from jaxda.methods import source_only
 from jaxda.methods.gam import activation_step as gam_step
 from jaxda.methods.gam import matching as am
@@ -59,28 +60,50 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config.to_dict())
 
 
+# The source-only method each GAM variant's base model trains with.
+_BASE_METHODS = {"gam": source_only.SOURCE_ONLY,
+                 "gam_cls": classification_steps.SOURCE_ONLY_CLS}
+
+
 def check_config(config) -> None:
   """Raises ``ConfigError`` on the first of ``step.config_problems``
   (before a base model is trained for nothing)."""
   for problem in gam_step.config_problems(config):
     raise ConfigError(problem)
+  if config.gam.get("require_init_checkpoint") and not (
+      config.model.init_checkpoint):
+    raise ConfigError(
+        "this gam preset adapts a trained source model: set"
+        " --config.model.init_checkpoint=DIR, the workdir of a run of"
+        " python -m experiments.source_only"
+        " --config=experiments/configs/source_only.py:paper")
+
+
+def network(run: train_loop.Run):
+  """The run's network (segmenter or classifier; taps once wrapped)."""
+  return getattr(run.models, activation_taps.network_field(run.models))
 
 
 def build_models(run: train_loop.Run) -> train_loop.Run:
   """Wraps the segmenter in taps and swaps in activation discriminators."""
   g = run.config.gam
   taps = activation_taps.ActivationTaps(
-      run.models.segmenter, tuple(g.layers),
+      network(run), tuple(g.layers),
       gaussian_matching=bool(g.gaussian_matching))
   disc = (activation_discriminator.ActivationDiscriminator(
-      features=tuple(g.disc_features)) if g.discriminators else None)
-  return dataclasses.replace(run, models=base.Models(taps, disc))
+      features=tuple(g.disc_features),
+      negative_slope=float(g.get("disc_negative_slope", 0.2)))
+          if g.discriminators else None)
+  models = dataclasses.replace(
+      run.models, discriminator=disc,
+      **{activation_taps.network_field(run.models): taps})
+  return dataclasses.replace(run, models=models)
 
 
 def create_state(run: train_loop.Run) -> state_lib.FrozenSourceTrainState:
   """Initial state from ``config.seed`` (replicated on the mesh)."""
   config = run.config
-  taps = run.models.segmenter
+  taps = network(run)
   x = jnp.zeros((1, config.data.height, config.data.width, 3), jnp.float32)
   seg_key, disc_key = jax.random.split(jax.random.key(config.seed))
   try:
@@ -128,7 +151,7 @@ def load_source_model(run: train_loop.Run, state, path: str):
 
 
 def _make_moments_fn(run: train_loop.Run, match: str):
-  taps = run.models.segmenter
+  taps = network(run)
 
   def fn(variables, images, mask):
     _, t, _ = taps.apply_with_taps(variables, images, match=match)
@@ -211,7 +234,7 @@ def activation_report(run: train_loop.Run, variables, *, match: str,
   n = run.config.gam.report_images
   stats = collect_stats(run, variables, run.data["target_train"].images[:n],
                         match=match)
-  out = {key: {} for key in run.models.segmenter.keys}  # network order
+  out = {key: {} for key in network(run).keys}  # network order
   for kind, suffix in (("raw", "_raw"), ("matched", "")):
     gaps = am.stats_gap(stats[kind], source_stats)
     for key, gap in gaps.items():
@@ -274,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   config.model.init_checkpoint = warm_start.ensure_base_model(
       config, workdir, lambda m: print(m, flush=True),
-      source_only.SOURCE_ONLY, base_steps=g.base_steps,
+      _BASE_METHODS[method.name], base_steps=g.base_steps,
       base_learning_rate=g.base_learning_rate, base_optim=g.base_optim)
   run = build_models(train_loop.setup(
       config, workdir, method))
@@ -296,9 +319,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     source_stats = jax.device_get(activation_taps.source_stats(act))
     extra: dict[str, Any] = {"base_checkpoint": config.model.init_checkpoint}
     base_summary = os.path.join(config.model.init_checkpoint, "summary.json")
+    metric = None  # the task's headline metric, once a result names it
     if os.path.exists(base_summary):
       with open(base_summary) as f:
-        extra["base_target_miou"] = json.load(f)["target"]["miou"]
+        base_target = json.load(f)["target"]
+      metric, value = run.task.headline(base_target)
+      extra[f"base_target_{metric}"] = value
+      extra["source_model"] = {"target": base_target}
     if os.path.exists(before_path):
       with open(before_path) as f:
         before = json.load(f)
@@ -306,21 +333,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       before = {"layers": activation_report(
           run, dict(state.source), match="none", source_stats=source_stats)}
       if g.eval_at_start:
-        before["target_miou_at_start"] = train_loop.evaluate_target(
-            run, state, 0, prefix="target_start")["miou"]
+        start_result = train_loop.evaluate_target(run, state, 0,
+                                                  prefix="target_start")
+        name, value = run.task.headline(
+            run.task.summary_target(start_result))
+        before[f"target_{name}_at_start"] = value
       if run.is_main:
         with open(before_path, "w") as f:
           json.dump(before, f, indent=2)
-    at_start = before.get("target_miou_at_start")
+    at_start = None
+    for key, value in before.items():
+      if key.startswith("target_") and key.endswith("_at_start"):
+        metric, at_start = key[len("target_"):-len("_at_start")], value
+        extra[key] = value
     before = before["layers"]
-    if at_start is not None:
-      extra["target_miou_at_start"] = at_start
 
     def pct(v):
       return "n/a" if v is None else f"{100 * v:.2f}%"
 
     run.log(
-        f"gam: source model target mIoU {pct(extra.get('base_target_miou'))},"
+        f"gam: source model target {metric or 'score'}"
+        f" {pct(extra.get(f'base_target_{metric}'))},"
         f" with Gaussian matching {'on' if g.gaussian_matching else 'off'}"
         f" before any step {pct(at_start)}; layers"
         f" {', '.join(g.layers)}; discriminators"
@@ -338,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         source_stats=source_stats)
     report = {"before": before, "after": after,
               "discriminator_accuracy": discriminator_accuracy(
-                  run.workdir, run.models.segmenter.keys)}
+                  run.workdir, network(run).keys)}
     scalars = {}
     for when in ("before", "after"):
       for key, values in report[when].items():

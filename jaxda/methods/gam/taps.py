@@ -43,6 +43,15 @@ def layer_key(path: str) -> str:
   return path.replace("/", "_")
 
 
+def network_field(models) -> str:
+  """Name of the network field of a task's models dataclass.
+
+  The first field by convention: ``segmenter`` (``Models``), ``classifier``
+  (``ClassificationModels``); the one GAM wraps in taps.
+  """
+  return dataclasses.fields(models)[0].name
+
+
 def split_stats(batch_stats: dict) -> tuple[dict, dict]:
   """``(model batch_stats, activation stats)`` of a combined collection."""
   batch_stats = dict(batch_stats or {})

@@ -323,7 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       gt = pipeline.load_domain(
           config.target.name, role="target",
           data_dir=config.target.data_dir or None, split="train",
-          height=config.data.height, width=config.data.width,
+          height=splits.domain_size(config, "target")[0],
+          width=splits.domain_size(config, "target")[1],
           num_images=config.data.num_train_images, seed=config.data.seed,
           require_labels=False).labels
     state, start = train_loop.init_or_restore(run)

@@ -1,0 +1,15 @@
+"""DAFormer / HRDA / MIC self-training parts (METHODS.md §17), pure functions.
+
+Submodules hold the math only (no Flax, no config, no I/O), so each piece can be
+tested against an independent NumPy reference before the method is wired into
+the registry:
+
+* `teacher`: EMA teacher update, pseudo labels and their confidence weight;
+* `mixing`: DACS ClassMix (class choice, masks, one_mix);
+* `photometric`: on-device strong augmentation (colour jitter, Gaussian blur);
+* `rare_class`: rare-class sampling statistics and a host-side sampler (NumPy);
+* `feature_distance`: thing-class ImageNet feature distance;
+* `masking`: MIC block masks;
+* `schedule`: warm-up + poly learning rate and the parameter-group AdamW;
+* `hrda_fusion`: HRDA scale-attention fusion of context and detail logits.
+"""
