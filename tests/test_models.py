@@ -433,7 +433,8 @@ def test_train_bn_uses_batch_stats_and_updates_running_stats():
 
 def test_registry():
   assert models.SEGMENTER_NAMES == ('deeplabv2_resnet101',
-                                    'deeplabv2_resnet50', 'deeplabv2_tiny')
+                                    'deeplabv2_resnet50', 'deeplabv2_tiny',
+                                    'deeplabv2_vgg16')
   with pytest.raises(ValueError, match='Unknown segmenter'):
     models.create_segmenter('deeplabv3', 19)
   single = models.create_segmenter('deeplabv2_tiny', 7, multi_level=False)

@@ -94,7 +94,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.tada.region_hidden = (64,)  # hidden widths of each region D
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 500  # evaluation batch (rounded to the devices)
+  # Evaluation batch (rounded to the devices); 0 = auto: on GPU/TPU the
+  # largest that fits the device's memory, on CPU eval.host_batch_size.
+  c.eval.batch_size = 0
+  c.eval.host_batch_size = 500  # auto on CPU (no device memory reported)
   c.eval.num_pictures = 16  # target images drawn in the pictures
 
   c.log_every = 100  # steps between metric logs (and NaN checks)
@@ -111,7 +114,7 @@ def _tiny(c):
   c.model.bottleneck_dim = 16
   c.adversarial.disc_hidden = (16,)
   c.tada.region_hidden = (8,)
-  c.eval.batch_size = 8
+  c.eval.host_batch_size = 8
   c.eval.num_pictures = 4
   c.log_every = 2
   c.checkpoint_every = 2

@@ -136,7 +136,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.minent.lambda_ent_aux = 0.0002  # MinEnt weight, aux output
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 32  # evaluation batch (rounded to the devices)
+  # Evaluation / pseudo-label batch (rounded to the devices); 0 = auto: on
+  # GPU/TPU the largest that fits the device's memory (tasks/splits.py),
+  # on CPU eval.host_batch_size.
+  c.eval.batch_size = 0
+  c.eval.host_batch_size = 32  # auto on CPU (no device memory reported)
   c.eval.num_pictures = 4  # target images drawn in the prediction picture
   c.eval.full_resolution = True  # real data: score at the labels' size
   # 'last' (the last iterate; no target labels used). The originals report
@@ -243,7 +247,7 @@ def _tiny(c):
   c.adversarial.ndf = 8
   c.log_every = 2
   c.checkpoint_every = 2
-  c.eval.batch_size = 8
+  c.eval.host_batch_size = 8
   c.eval.num_pictures = 2
 
 

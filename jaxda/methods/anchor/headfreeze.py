@@ -134,7 +134,7 @@ def config_problems(config) -> list[str]:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
-          method: base.Method | None = None) -> AnchorRun:
+          method: base.Method) -> AnchorRun:
   """The loop's set-up (depth task) plus the two phases' optimisers."""
   for problem in config_problems(config):
     raise ConfigError(problem)
