@@ -138,6 +138,35 @@ def jit_inference(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
   return jax.jit(fn, in_shardings=(repl, data), out_shardings=data)
 
 
+def device_memory_bytes(mesh: jax.sharding.Mesh) -> int | None:
+  """The smallest ``bytes_limit`` over the mesh's devices, or None where the
+  backend reports no memory statistics (CPU): what a batch must fit in."""
+  limits = []
+  for device in mesh.devices.flat:
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None  # Backends without the statistics raise or return None.
+    if not stats or not stats.get("bytes_limit"):
+      return None
+    limits.append(int(stats["bytes_limit"]))
+  return min(limits) if limits else None
+
+
+def compiled_bytes(compiled) -> int | None:
+  """Per-device bytes a compiled function needs (arguments + outputs +
+  temporaries - donated aliases), from ``memory_analysis()``; None where
+  the backend does not say."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
 def to_host(tree: Any) -> Any:
   """Fetches a pytree of (possibly sharded) arrays to host NumPy arrays.
 

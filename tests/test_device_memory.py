@@ -6,7 +6,6 @@ anything; a ``bytes_limit`` injected as an argument stands in for a GPU's.
 """
 
 import jax
-import numpy as np
 import pytest
 
 from experiments.configs import source_only as source_only_cfg
@@ -55,22 +54,24 @@ def test_auto_eval_batch_fits_an_injected_device_limit(run):
   n = run.mesh.devices.size
   size = splits.eval_image_size(run)
   cost = splits.inference_bytes_fn(run, size)
-  # A device whose budget holds 4 images per device but not 64.
-  limit = int(cost(4 * n) / splits.AUTO_MEMORY_FRACTION) + 1
+  # A device whose budget holds 3 images per device, not 64: compiles at
+  # 1 and 2 per device give the estimate, 3 (memoised) confirms it.
+  limit = int(cost(3 * n) / splits.AUTO_MEMORY_FRACTION) + 1
   got = splits.eval_batch_size(run, bytes_limit=limit)
-  assert got % n == 0 and 2 * n <= got <= 4 * n, got
+  assert got % n == 0 and 2 * n <= got <= 3 * n, got
   assert cost(got) <= splits.AUTO_MEMORY_FRACTION * limit
-  # A large device: capped at AUTO_MAX_PER_DEVICE per device.
-  assert (splits.eval_batch_size(run, bytes_limit=1 << 40)
-          == splits.AUTO_MAX_PER_DEVICE * n)
+  # (A large device's cap: test_fitting_batch_size_is_the_largest_that_fits.)
 
 
-def test_start_up_check_names_what_to_set(run):
+def test_start_up_check_names_what_to_set(run, monkeypatch):
+  # Abstract shapes are enough: the check lowers and compiles, never runs.
+  monkeypatch.setattr(parallel, "init_replicated",
+                      lambda init, mesh: jax.eval_shape(init))
   state = train_loop.create_state(run)
   step_jit = train_loop.compile_step(run)
-  batch = parallel.shard_batch(next(train_loop.paired_batches(run, 0)),
-                               run.mesh)
-  rng = jax.random.key(0)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       next(train_loop.paired_batches(run, 0)))
+  rng = jax.eval_shape(lambda: jax.random.key(0))
   # CPU reports no limit: nothing is compiled (step_jit is never touched).
   train_loop.check_step_memory(run, None, state, batch, rng)
   with pytest.raises(train_loop.ConfigError) as e:
@@ -81,7 +82,6 @@ def test_start_up_check_names_what_to_set(run):
   for setting in ("--config.batch_size", "compute_dtype=bfloat16",
                   "remat=True", "height/width"):
     assert setting in message
+  # Same step and shapes: no second compile (drivers call run_steps often).
   train_loop.check_step_memory(run, step_jit, state, batch, rng,
                                bytes_limit=1 << 40)
-  # The state was not donated by the check (lowering does not run it).
-  assert np.all(np.isfinite(jax.tree.leaves(state.params)[0]))

@@ -25,6 +25,7 @@ from jaxda import metrics
 from jaxda import parallel
 from jaxda import types
 from jaxda.data import pipeline
+from jaxda.tasks import splits
 from jaxda.data import tables
 from jaxda.models import forward
 
@@ -129,8 +130,7 @@ def evaluate_target(run, state, step: int, *,
                     parallel.batch_sharded(run.mesh)),
       out_shardings=parallel.replicated(run.mesh))
   domain = run.data["target_val"]
-  n = run.mesh.devices.size
-  batch_size = max(n, (cfg.eval.batch_size // n) * n)
+  batch_size = splits.eval_batch_size(run)
   # This process's rows (load_data kept only its share), as many global
   # batches on every process.
   confusion = evaluation.evaluate(

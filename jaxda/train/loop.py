@@ -50,7 +50,8 @@ from jaxda.train.signals import StopSignals
 # Re-exported for drivers: the loop's user errors, stop signals, warm starts.
 __all__ = ["ConfigError", "TrainingDivergedError", "StopRequested",
            "StopSignals", "Run", "setup", "init_or_restore", "create_state",
-           "paired_batches", "compile_step", "run_steps", "evaluate_target",
+           "paired_batches", "compile_step", "check_step_memory", "run_steps",
+           "evaluate_target",
            "save_pictures", "write_config", "finish", "close",
            "train_and_evaluate", "load_segmenter_weights",
            "load_init_weights", "validate_config"]
@@ -264,6 +265,49 @@ def compile_step(run: Run, step_fn: Callable | None = None) -> Callable:
   return parallel.jit_step(step_fn, run.mesh)
 
 
+_STEP_BYTES: dict[tuple, tuple[Callable, int | None]] = {}
+
+
+def _size(num_bytes: int) -> str:
+  if num_bytes >= 1 << 28:
+    return f"{num_bytes / 2**30:.2f} GiB"
+  return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def check_step_memory(run: Run, step_jit: Callable, state, batch, rng, *,
+                      bytes_limit: int | None = None) -> None:
+  """Raises a one-line ``ConfigError`` if the step cannot fit the device.
+
+  Where the backend reports device memory (``parallel.device_memory_bytes``,
+  or ``bytes_limit`` given) the step is compiled for the first batch's
+  shapes and its ``memory_analysis()`` total compared with the limit, so an
+  oversized batch fails at start-up with what to set, not as an
+  out-of-memory deep in XLA. On CPU (no limit) it does nothing: no compile.
+  """
+  limit = (parallel.device_memory_bytes(run.mesh) if bytes_limit is None
+           else bytes_limit)
+  if limit is None:
+    return
+  # Drivers call run_steps once per round/phase with the same step: one
+  # compile per (step, batch shapes). The entry keeps step_jit alive so its
+  # id is not reused.
+  key = (id(step_jit), str(jax.tree.map(lambda x: (x.shape, x.dtype), batch)))
+  if key not in _STEP_BYTES:
+    _STEP_BYTES[key] = (step_jit, parallel.compiled_bytes(
+        step_jit.lower(state, batch, rng).compile()))
+  need = _STEP_BYTES[key][1]
+  if need is None or need <= limit:
+    return
+  cfg = run.config
+  raise ConfigError(
+      f"the train step needs {_size(need)} per device but the device has"
+      f" {_size(limit)}: lower --config.batch_size (now"
+      f" {cfg.batch_size}), or set --config.model.compute_dtype=bfloat16,"
+      " --config.model.remat=True, smaller --config.data.height/width"
+      " (or --config.source/target.height/width), or more devices"
+      " (--config.num_devices)")
+
+
 def _check_finite(metrics: dict[str, np.ndarray], first: int, last: int,
                   run: Run) -> None:
   bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
@@ -321,6 +365,8 @@ def run_steps(run: Run, state, step_jit: Callable, batches: Iterator[dict],
         batch = parallel.shard_batch(next(batches), run.mesh)
         rng = jax.random.wrap_key_data(_fold_in(
             base_key, jax.device_put(np.uint32(step), repl)))
+        if step == start:
+          check_step_memory(run, step_jit, state, batch, rng)
         state, metrics = step_jit(state, batch, rng)
         pending.append(metrics)
         done = step + 1
