@@ -148,8 +148,10 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   # Pass A: streaming thresholds, O(C x bins) memory on device. The network
   # runs once: pass B needs every threshold before it can select a pixel, so
   # pass A keeps the output-stride logits (1/64 of the probabilities' size
-  # for DeepLab-v2, on the devices that computed them) and pass B redoes only
-  # the upsampling and softmax, bit-identical to a second forward pass.
+  # for DeepLab-v2) in host memory, this process's rows only, and pass B
+  # puts one batch at a time back on the devices and redoes only the
+  # upsampling and softmax, bit-identical to a second forward pass. The
+  # devices never hold more than one batch of the target set.
   hist = parallel.replicate(init_threshold_histogram(c, st.num_bins),
                             run.mesh)
   cached = []
@@ -160,7 +162,7 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
     valid = jnp.broadcast_to(mask[:, None, None], probs.shape[:3])
     hist = update_threshold_histogram(hist, probs, subsample=st.subsample,
                                       valid=valid)
-    cached.append((logits, keep))
+    cached.append((parallel.local_rows(logits, run.mesh), keep))
   thresholds = np.asarray(thresholds_from_histogram(
       jax.device_get(hist), portion), np.float32)
 
@@ -168,8 +170,8 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   lam = jnp.asarray(thresholds)
   before, after, conf, full, full_w = [], [], [], [], []
   rows = lambda x: parallel.local_rows(x, run.mesh)
-  for logits, keep in cached:
-    probs = probs_jit(logits)
+  for host_logits, keep in cached:
+    probs = probs_jit(parallel.shard_batch(host_logits, run.mesh))
     cbst = select(probs, lam)
     dense = cbst
     if st.voting and (phase == 1 or st.phase2_hard_labels == "voted"):
