@@ -251,20 +251,28 @@ def build(config, method, data) -> dict[str, Any]:
           "labels_fn": labels_fn, "disc_tx": disc_tx}
 
 
-def init_variables(run, key):
-  """``(params, batch_stats, disc_params)``; the discriminator (if any) is
-  ``disc_params['main']``."""
-  config = run.config
-  h, w = config.data.height, config.data.width
-  seg_key, disc_key = jax.random.split(key)
-  variables = run.models.segmenter.init(
-      seg_key, jnp.zeros((1, h, w, 3), jnp.float32))
-  disc_params = {}
-  if run.models.discriminator is not None:
-    channels = discriminator_channels(run.num_classes, config.anchor.adv_input)
-    disc_params["main"] = run.models.discriminator.init(
-        disc_key, jnp.zeros((1, h, w, channels), jnp.float32))["params"]
-  return variables["params"], variables["batch_stats"], disc_params
+def make_init_variables(channels_fn):
+  """``init_variables(run, key)`` of a dense multi-task net whose
+  discriminator (if any, at ``disc_params['main']``) eats
+  ``channels_fn(num_classes, config.anchor.adv_input)`` channels."""
+
+  def init_variables(run, key):
+    config = run.config
+    h, w = config.data.height, config.data.width
+    seg_key, disc_key = jax.random.split(key)
+    variables = run.models.segmenter.init(
+        seg_key, jnp.zeros((1, h, w, 3), jnp.float32))
+    disc_params = {}
+    if run.models.discriminator is not None:
+      channels = channels_fn(run.num_classes, config.anchor.adv_input)
+      disc_params["main"] = run.models.discriminator.init(
+          disc_key, jnp.zeros((1, h, w, channels), jnp.float32))["params"]
+    return variables["params"], variables["batch_stats"], disc_params
+
+  return init_variables
+
+
+init_variables = make_init_variables(discriminator_channels)
 
 
 def outputs(run, state, images):

@@ -266,34 +266,18 @@ def discriminator_channels(num_classes: int, adv_input: str) -> int:
   return {"main": 3, "anchor": num_classes, "both": num_classes + 3}[adv_input]
 
 
-def init_variables(run, key):
-  """``(params, batch_stats, disc_params)`` (D, if any, at ``'main'``)."""
-  config = run.config
-  h, w = config.data.height, config.data.width
-  seg_key, disc_key = jax.random.split(key)
-  variables = run.models.segmenter.init(
-      seg_key, jnp.zeros((1, h, w, 3), jnp.float32))
-  disc_params = {}
-  if run.models.discriminator is not None:
-    channels = discriminator_channels(run.num_classes, config.anchor.adv_input)
-    disc_params["main"] = run.models.discriminator.init(
-        disc_key, jnp.zeros((1, h, w, channels), jnp.float32))["params"]
-  return variables["params"], variables["batch_stats"], disc_params
+init_variables = depth.make_init_variables(discriminator_channels)
 
 
 def _eval_batches(run):
   domain = run.data["target_val"]
   for batch in pipeline.eval_batches(
       domain.images, domain.labels,
-      batch_size=evaluation_batch_size(run),
+      batch_size=splits.eval_batch_size(run),
       mode=run.config.data.normalization):
     rows = domain.normals[np.maximum(batch["index"], 0)]
     batch["normals"] = np.where(batch["mask"][:, None, None, None], rows, 0.0)
     yield batch
-
-
-def evaluation_batch_size(run) -> int:
-  return splits.eval_batch_size(run)
 
 
 def evaluate(run, state, step: int, prefix: str = "target") -> dict[str, Any]:
@@ -349,7 +333,7 @@ def save_pictures(run, state, result: dict[str, Any],
       lambda s, x: unit(depth.outputs(run, s, x)[NORMALS_HEAD]), run.mesh)
   preds = []
   for batch in pipeline.eval_batches(
-      domain.images[:n], None, batch_size=evaluation_batch_size(run),
+      domain.images[:n], None, batch_size=splits.eval_batch_size(run),
       mode=run.config.data.normalization):
     out = fn(state, parallel.shard_batch({"image": batch["image"]},
                                          run.mesh)["image"])
