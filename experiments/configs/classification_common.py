@@ -5,7 +5,13 @@ Every field has one comment. Variants (``--config=...py:tiny``), combined
 with commas:
 
 * ``''`` (default): MNIST -> scikit-learn digits, small CNN, CPU-sized.
-* ``'mnist_m'``: MNIST -> MNIST-M-style target (digits on photo patches).
+* ``'mnist_m'``: MNIST -> MNIST-M-style target (digits on photo patches);
+  the same as ``--config.target.shift=mnist_m``.
+
+Target shifts (``--config.target.shift``, ``TARGET_SHIFTS``): ``default``
+(scikit-learn digits), ``mnist_m`` (photo patches), ``mnist_texture``
+(procedural colour textures); ``target.name`` follows the shift until it
+is set.
 * ``'tiny'``: a few steps on a handful of images (tests, smoke runs).
 * ``'resnet50'``: ResNet-50 at 224x224 (K = 49 regions), the paper's
   network; from scratch (no ImageNet weights ship with jaxda).
@@ -25,6 +31,13 @@ with commas:
 
 import ml_collections
 
+from experiments.configs import common
+from jaxda.data import registry
+from jaxda.data.embedded import digits
+
+# MNIST -> these digits targets (jaxda.data.embedded.digits.TARGET_SHIFTS).
+TARGET_SHIFTS = tuple(digits.TARGET_SHIFTS)
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   """The CPU default: small CNN on MNIST -> sklearn digits."""
@@ -40,7 +53,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.source.name = "mnist"  # 'mnist' | 'digits' | 'mnist_m' (jaxda.data.digits)
   c.source.data_dir = ""  # cache directory (default ~/.cache/jaxda)
   c.target = ml_collections.ConfigDict()
-  c.target.name = "digits"  # as source.name
+  # Digits target shift: 'default' (digits) | 'mnist_m' | 'mnist_texture';
+  # target.name follows it until target.name is set
+  c.target.shift = "default"
+  # as source.name; from target.shift until set
+  c.target.name = common.follow_shift(c.target, registry.digits_name)
   c.target.data_dir = ""  # as source.data_dir
 
   c.data = ml_collections.ConfigDict()
@@ -121,7 +138,7 @@ def _tiny(c):
 
 
 def _mnist_m(c):
-  c.target.name = "mnist_m"
+  c.target.shift = "mnist_m"
 
 
 def _resnet50(c):

@@ -37,6 +37,18 @@ from typing import Any, Callable
 
 import ml_collections
 
+from jaxda.data import errors as data_errors
+from jaxda.data import registry
+from jaxda.data.embedded import synthetic
+from jaxda.train import exceptions
+
+# The embedded benchmark's named target shifts (jaxda.data.embedded.shifts),
+# README "Target shifts"; `--config.target.shift=NAME` picks one.
+TARGET_SHIFTS = synthetic.SHIFTS
+DEFAULT_SHIFT = synthetic.DEFAULT_SHIFT
+# The one shift method defaults may be tuned on; every shift is reported.
+DEVELOPMENT_SHIFT = synthetic.DEVELOPMENT_SHIFT
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   """The CPU default: tiny DeepLab-v2 on the embedded benchmark."""
@@ -68,7 +80,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.source.height = 0  # source image height after resizing; 0 = data.height
   c.source.width = 0  # source image width after resizing; 0 = data.width
   c.target = ml_collections.ConfigDict()
-  c.target.name = "synthetic"  # as source.name
+  # Embedded target shift: 'default' | 'texture' | 'weather' | 'sensor' |
+  # 'layout' (TARGET_SHIFTS); target.name follows it until target.name is set
+  c.target.shift = DEFAULT_SHIFT
+  # as source.name; 'synthetic' or 'synthetic:<shift>' from target.shift
+  c.target.name = follow_shift(c.target, registry.synthetic_name)
   c.target.data_dir = ""  # as source.data_dir
   c.target.height = 0  # target train/val input height; 0 = data.height
   c.target.width = 0  # target train/val input width; 0 = data.width
@@ -156,6 +172,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+
+
+def follow_shift(target: ml_collections.ConfigDict,
+                 name_of: Callable[[str], str]):
+  """``target.name``'s value: ``name_of(target.shift)``, read lazily, so a
+  ``--config.target.shift=NAME`` override picks the data set; setting
+  ``target.name`` itself (a real data set) replaces the link.
+
+  An unknown shift is a one-line ``ConfigError`` listing the known ones,
+  raised when the name is first read (data loading).
+  """
+  def name(shift):
+    try:
+      return name_of(shift)
+    except data_errors.DataError as e:
+      raise exceptions.ConfigError(f"config.target.shift: {e}") from None
+  # pylint: disable-next=protected-access
+  return target.get_ref("shift")._apply_op(name)  # ml-collections==1.1.0
 
 
 # --------------------------------------------------------------------------

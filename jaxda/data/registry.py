@@ -8,6 +8,12 @@ distributed layout give `open` (a random-access source, see
 embedded benchmarks and the folder layout give `load` directly. Only the
 synthetic benchmark has depth maps (`load_depth`).
 
+The named target shifts of the synthetic benchmark (`embedded.shifts`) are
+entries of their own, 'synthetic:<shift>' ('synthetic' is the default
+shift); the digits targets ('digits', 'mnist_m', 'mnist_texture') already
+are. The configs' ``target.shift`` field picks one of them
+(`synthetic_name`, `digits_name`).
+
 `pipeline.load_domain` / `load_depth` and `tfds_builders.builder` look
 names up here, so adding a data set is one entry.
 """
@@ -135,21 +141,59 @@ def _synthetic_args(role, data_dir, split, height, width, num_images, what):
                   else num_images))
 
 
+def _check_shift_role(shift, role):
+  if shift != synthetic.DEFAULT_SHIFT and role != 'target':
+    raise errors.DataError(
+        f'{synthetic_name(shift)!r} is a target shift of the synthetic '
+        f'benchmark; the {role} domain takes \'synthetic\'')
+
+
 def _load_synthetic(domain, *, role, data_dir, split, height, width,
-                    num_images, seed, require_labels):
+                    num_images, seed, require_labels,
+                    shift=synthetic.DEFAULT_SHIFT):
   del domain, require_labels  # The benchmark always has labels.
   args = _synthetic_args(role, data_dir, split, height, width, num_images, '')
+  _check_shift_role(shift, role)
   images, labels = synthetic.load_or_generate(
-      args.pop('cache_dir'), role, split, seed=seed, **args)
+      args.pop('cache_dir'), role, split, seed=seed, shift=shift, **args)
   return Domain(images, labels, synthetic.CLASS_NAMES)
 
 
 def _load_synthetic_depth(*, role, data_dir, split, height, width,
-                          num_images, seed):
+                          num_images, seed, shift=synthetic.DEFAULT_SHIFT):
   args = _synthetic_args(role, data_dir, split, height, width, num_images,
                          'depth ')
+  _check_shift_role(shift, role)
   return synthetic.load_or_generate_depth(
-      args.pop('cache_dir'), role, split, seed=seed, **args)
+      args.pop('cache_dir'), role, split, seed=seed, shift=shift, **args)
+
+
+def synthetic_name(shift):
+  """The data set name of a synthetic target shift ('synthetic' for the
+  default, else 'synthetic:<shift>').
+
+  Raises:
+    DataError: unknown shift (the message lists `synthetic.SHIFTS`).
+  """
+  if shift not in synthetic.SHIFTS:
+    raise errors.DataError(
+        f'unknown target shift {shift!r} of the synthetic benchmark; known '
+        f'shifts: {", ".join(synthetic.SHIFTS)}')
+  return ('synthetic' if shift == synthetic.DEFAULT_SHIFT
+          else f'synthetic:{shift}')
+
+
+def digits_name(shift):
+  """The digits target data set of a shift (`digits.TARGET_SHIFTS`).
+
+  Raises:
+    DataError: unknown shift (the message lists the shifts).
+  """
+  if shift not in digits.TARGET_SHIFTS:
+    raise errors.DataError(
+        f'unknown digits target shift {shift!r}; known shifts: '
+        f'{", ".join(digits.TARGET_SHIFTS)}')
+  return digits.TARGET_SHIFTS[shift]
 
 
 def _load_folder(domain, *, role, data_dir, split, height, width,
@@ -195,6 +239,11 @@ _ENTRIES = (
     Dataset('synthetic', DENSE, load=_load_synthetic,
             load_depth=_load_synthetic_depth),
     Dataset('folder', DENSE, load=_load_folder),
+    *(Dataset(synthetic_name(shift), DENSE,
+              load=functools.partial(_load_synthetic, shift=shift),
+              load_depth=functools.partial(_load_synthetic_depth,
+                                           shift=shift))
+      for shift in synthetic.SHIFTS if shift != synthetic.DEFAULT_SHIFT),
     *(Dataset(name, PER_IMAGE,
               load=functools.partial(_load_digits, name))
       for name in digits.DOMAINS),
@@ -240,7 +289,8 @@ def lookup(name, data_dir=None):
   embedded 5,000-image subset.
 
   Args:
-    name: config name, e.g. 'gta5', 'office31:amazon', 'synthetic'.
+    name: config name, e.g. 'gta5', 'office31:amazon', 'synthetic',
+      'synthetic:weather'.
     data_dir: the configured directory (only 'mnist' looks at it).
 
   Returns:
@@ -251,8 +301,14 @@ def lookup(name, data_dir=None):
   """
   if name == 'mnist' and digit_files.has_mnist_files(data_dir):
     name = 'mnist_files'
+  if name in DATASETS:  # Including the 'synthetic:<shift>' entries.
+    return DATASETS[name], ''
   prefix, colon, domain = name.partition(':')
   entry = DATASETS.get(prefix)
+  variants = tuple(n for n in DATASETS if n.startswith(prefix + ':'))
+  if colon and variants:
+    raise errors.DataError(
+        f'unknown data set {name!r}: use one of {(prefix,) + variants}')
   if entry is None or (colon and not entry.takes_domain):
     raise errors.DataError(
         f'unknown data set {name!r}: use one of {names(reads_files=False)}, '

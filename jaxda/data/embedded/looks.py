@@ -4,6 +4,12 @@
 'source' is flat and game-like (one colour per class, small jitter),
 'target' camera-like (other palette, textures, exposure, blur, noise), so
 layout statistics match while colour statistics shift.
+
+The target painter is split into the scene (`paint_target_scene`: colours
+and textures from a palette, `TARGET_PALETTE` by default) and the camera
+(`camera`: exposure, white balance, gamma, vignetting, blur, noise), so the
+named target shifts of `shifts` can swap the palette or act between the
+two (fog) or after them (compression).
 """
 
 import numpy as np
@@ -59,18 +65,45 @@ _TRUNK = np.array([82, 62, 46], np.float32)
 _CLOUD = np.array([236, 236, 240], np.float32)
 _MARKING = np.array([206, 206, 196], np.float32)
 
+# Everything `paint_target_scene` takes from a palette: class colours,
+# per-instance colour sets, per-class texture gains and the flat override
+# colours. `shifts.TEXTURE_PALETTE` is another city's.
+TARGET_PALETTE = {
+    'colours': _TARGET_COLOURS,
+    'facade': _FACADE_COLOURS,
+    'car': _CAR_COLOURS,
+    'clothes': _CLOTHES_COLOURS,
+    # Brightness texture gains per class: fine grain and mid-scale blotches.
+    'fine_gain': np.array([26, 12, 0, 0, 30, 0, 18, 0, 0, 0], np.float32),
+    'mid_gain': np.array([10, 0, 0, 0, 70, 0, 0, 0, 40, 0], np.float32),
+    # Ground tiles (grout lines every `tile` camera heights) per class.
+    'grout_gain': np.array([0, -34, 0, 0, 0, 0, 0, 0, 0, 0], np.float32),
+    'tile': 0.5,
+    'window': _WINDOW,
+    'wheel': np.full(3, 22, np.float32),
+    'skin': _SKIN,
+    'trunk': _TRUNK,
+    'marking': _MARKING,
+    'cloud': _CLOUD,
+}
 
-def sample_target_look(rng, height, width):
-  """Draws the target-domain appearance parameters and noise of one image."""
+
+def sample_target_look(rng, height, width, palette=None):
+  """Draws the target-domain appearance parameters and noise of one image.
+
+  `palette` (default `TARGET_PALETTE`) sets how many façade, car and
+  clothes colours the per-instance draws pick from.
+  """
+  palette = TARGET_PALETTE if palette is None else palette
   scale = height / 64.0
   mid = (int(np.ceil(height / (2 * scale))) + 2,
          int(np.ceil(width / (2 * scale))) + 2)
   coarse = (int(np.ceil(height / (12 * scale))) + 2,
             int(np.ceil(width / (12 * scale))) + 2)
   return {
-      'facade': rng.integers(0, len(_FACADE_COLOURS), scenes.NUM_INST),
-      'car_colour': rng.integers(0, len(_CAR_COLOURS), scenes.NUM_INST),
-      'clothes': rng.integers(0, len(_CLOTHES_COLOURS), scenes.NUM_INST),
+      'facade': rng.integers(0, len(palette['facade']), scenes.NUM_INST),
+      'car_colour': rng.integers(0, len(palette['car']), scenes.NUM_INST),
+      'clothes': rng.integers(0, len(palette['clothes']), scenes.NUM_INST),
       # Façade style: bricks / windows / plaster.
       'style': rng.integers(0, 3, scenes.NUM_INST),
       'inst_jitter': rng.normal(0.0, 8.0, (scenes.NUM_INST, 3)),
@@ -155,6 +188,15 @@ def paint_source(labels, inst, look):
 
 def paint_target(labels, inst, part, geom, look):
   """Textured, re-coloured, re-lit, blurred and noisy rendering."""
+  return camera(paint_target_scene(labels, inst, part, geom, look), look)
+
+
+def paint_target_scene(labels, inst, part, geom, look, palette=None):
+  """The scene before the camera: float32 (B, H, W, 3) radiance, 0..~255.
+
+  Colours and textures come from `palette` (default `TARGET_PALETTE`).
+  """
+  palette = TARGET_PALETTE if palette is None else palette
   b, height, width = labels.shape
   scale = height / 64.0
   n = np.arange(b)[:, None, None]
@@ -165,11 +207,11 @@ def paint_target(labels, inst, part, geom, look):
   coarse = _upsample(look['coarse'], height, width)
 
   # Base colour from a per-image (class, instance) table: one gather.
-  table = np.broadcast_to(_TARGET_COLOURS[None, :, None, :],
+  table = np.broadcast_to(palette['colours'][None, :, None, :],
                           (b, scenes.NUM_CLASSES, scenes.NUM_INST, 3)).copy()
-  table[:, scenes.BUILDING] = _FACADE_COLOURS[look['facade']]
-  table[:, scenes.CAR] = _CAR_COLOURS[look['car_colour']]
-  table[:, scenes.PERSON] = _CLOTHES_COLOURS[look['clothes']]
+  table[:, scenes.BUILDING] = palette['facade'][look['facade']]
+  table[:, scenes.CAR] = palette['car'][look['car_colour']]
+  table[:, scenes.PERSON] = palette['clothes'][look['clothes']]
   table += look['inst_jitter'][:, None]
   img = table[n, labels, inst]
 
@@ -179,9 +221,10 @@ def paint_target(labels, inst, part, geom, look):
   depth = height / safe_s  # Ground depth is proportional to 1 / s.
   is_building = labels == scenes.BUILDING
   style = look['style'][n, inst]
-  # Road: asphalt grain.  Sidewalk: paving tiles in ground coordinates.
-  grout = ((np.mod(dx / safe_s / 0.5, 1.0) < 0.12) |
-           (np.mod(depth / 0.5, 1.0) < 0.12))
+  # Ground tiles (the sidewalk's paving) in ground coordinates.
+  tile = palette['tile']
+  grout = ((np.mod(dx / safe_s / tile, 1.0) < 0.12) |
+           (np.mod(depth / tile, 1.0) < 0.12))
   # Buildings: bricks (style 0), windows (1) or plaster (2) per façade.
   bh = _col(look['brick'][:, 0]) * scale
   bw = _col(look['brick'][:, 1]) * scale
@@ -190,10 +233,9 @@ def paint_target(labels, inst, part, geom, look):
   # Sky brightens towards the horizon; grass is mown in stripes.
   sky_grad = np.clip(y / np.maximum(geom['hz'], 1.0), 0, 1)
   stripes = np.sin(2 * np.pi * (x + 0.5 * y) / (6 * scale))
-  fine_gain = np.array([26, 12, 0, 0, 30, 0, 18, 0, 0, 0], np.float32)
-  mid_gain = np.array([10, 0, 0, 0, 70, 0, 0, 0, 40, 0], np.float32)
-  shade = fine_gain[labels] * fine + mid_gain[labels] * mid
-  shade += np.where(labels == scenes.SIDEWALK, -34 * grout, 0)
+  shade = (palette['fine_gain'][labels] * fine +
+           palette['mid_gain'][labels] * mid)
+  shade += palette['grout_gain'][labels] * grout
   shade += np.where(is_building & (style == 0), 36 * mortar + 14 * fine, 0)
   shade += np.where(is_building & (style == 2), 30 * mid + 8 * fine, 0)
   shade += np.where(labels == scenes.SKY, 22 * sky_grad - 10, 0)
@@ -202,7 +244,7 @@ def paint_target(labels, inst, part, geom, look):
 
   clouds = np.where(labels == scenes.SKY,
                     np.clip((coarse - 0.5) * 3.0, 0, 1), 0)
-  img += clouds[..., None] * (_CLOUD - img)
+  img += clouds[..., None] * (palette['cloud'] - img)
 
   # Flat overrides: lane markings, windows, object parts.  Dashes of the
   # centre line repeat in ground depth; edge lines are solid.
@@ -219,13 +261,26 @@ def paint_target(labels, inst, part, geom, look):
             (fx > 0.25) & (fx < 0.75))
   # Codes 0-4 are the part codes of `scenes` (0 = keep), 5 marking, 6 window.
   code = np.where(marking, 5, np.where(window, 6, part))
-  override = np.stack([np.zeros(3, np.float32), _WINDOW,
-                       np.full(3, 22, np.float32), _SKIN, _TRUNK, _MARKING,
-                       _WINDOW + 15])[code]
-  img = np.where((code > 0)[..., None], override, img)
+  override = np.stack([np.zeros(3, np.float32), palette['window'],
+                       palette['wheel'], palette['skin'], palette['trunk'],
+                       palette['marking'], palette['window'] + 15])[code]
+  return np.where((code > 0)[..., None], override, img)
 
-  # Camera: exposure and white balance, gamma, vignetting, optics, sensor.
-  img *= _col(look['gain'])[..., None] * look['cast'][:, None, None, :]
+
+def camera(img, look):
+  """Exposure and white balance, gamma, vignetting, optics, sensor: uint8.
+
+  Args:
+    img: float32 (B, H, W, 3) scene radiance (`paint_target_scene`).
+    look: `sample_target_look` draws, stacked (gain, cast, gamma,
+      vignette, blur passes, noise_std, sensor noise).
+  """
+  b, height, width = img.shape[:3]
+  del b
+  y = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
+  x = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
+  img = img * (_col(look['gain'])[..., None] *
+               look['cast'][:, None, None, :])
   np.clip(img, 0, 255, out=img)
   img = 255.0 * (img / 255.0)**_col(look['gamma'])[..., None]
   r2 = (((y - height / 2) / height)**2 + ((x - width / 2) / width)**2) * 2
