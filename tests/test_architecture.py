@@ -38,6 +38,7 @@ LAYERS = (
 PURE_MATH = ("jaxda.methods.self_training.thresholds",
              "jaxda.methods.self_training.densify",
              "jaxda.methods.self_training.easy_hard",
+             "jaxda.methods.self_training.progress",
              "jaxda.methods.gam.matching",
              "jaxda.methods.daformer",
              "jaxda.methods.daformer.teacher",

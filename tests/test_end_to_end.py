@@ -108,6 +108,14 @@ def test_tpld_pipeline_tiny(tmp_path, cache_dir):
   rounds = summary["rounds"]
   assert [r["phase"] for r in rounds] == [1, 2]
   assert rounds[1]["num_easy"] + rounds[1]["num_hard"] == 16
+  # Label-free adaptation signals, one entry per round (issue 23 item 4).
+  signals = summary["adaptation_signals"]
+  assert [s["round"] for s in signals] == [0, 1]
+  assert all(0 <= s["target_entropy"] <= 1 and 0 <= s["class_drift"] <= 1
+             for s in signals)
+  assert "agreement" not in signals[0] and 0 <= signals[1]["agreement"] <= 1
+  assert "adaptation_warning" in summary
+  assert "round 1 signals (no target labels): target entropy" in out
   assert os.path.exists(os.path.join(workdir, "base_source_only",
                                      "summary.json"))
   for r in (0, 1):

@@ -22,6 +22,17 @@ every other run). Each round:
    (when the target train split has labels; they are read for this report
    only and never reach a batch), easy/hard counts, target mIoU.
 
+Every round also records **unsupervised adaptation signals**, which need no
+target label (``jaxda.methods.self_training.progress``): pass A's
+probabilities give the mean normalised prediction entropy on the target
+train set and its predicted-class shares, compared with the source label
+shares (total variation drift, collapsed classes); the new pseudo labels
+are compared with the previous round's (agreement). They describe the model
+*entering* the round (round 0: the base model). The driver logs one line per
+round, stores them in ``summary.json['adaptation_signals']`` and logs (and
+stores as ``adaptation_warning``) ``progress.no_progress``'s one-line
+warning when they show no progress.
+
 With no ``model.init_checkpoint`` the driver first trains (or reuses) a
 source-only base model in ``workdir/base_source_only``. ``num_steps`` must
 give every round at least one step (``num_steps = 0`` is a ``ConfigError``:
@@ -46,6 +57,7 @@ from jaxda.data import pipeline
 from jaxda.methods import base
 from jaxda.methods import source_only
 from jaxda.methods.self_training.densify import densify
+from jaxda.methods.self_training import progress
 from jaxda.methods.self_training.easy_hard import (
     easy_hard_split, easy_image_labels, image_confidence, label_density,
     label_precision)
@@ -119,8 +131,14 @@ def _probs_jit(run, size):
       align_corners=run.config.model.upsample_align_corners))
 
 
+_signal_sums = jax.jit(progress.batch_signal_sums)
+
+
 def make_pseudo_labels(run, state, round_index: int, phase: int,
-                       ground_truth: np.ndarray | None) -> dict[str, Any]:
+                       ground_truth: np.ndarray | None, *,
+                       source_hist: np.ndarray | None = None,
+                       previous_labels: np.ndarray | None = None
+                       ) -> dict[str, Any]:
   """Runs the two-pass labelling of one round.
 
   Multi-process: each process feeds only its share of the target images
@@ -132,6 +150,13 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   the easy/hard split is taken over all images, as in one process. (The
   exact form, ``thresholds.class_thresholds``, needs every confidence in one
   host array; it is the oracle in tests, not used here.)
+
+  Pass A also sums, on device, the target entropy and predicted-class
+  counts (``progress.batch_signal_sums``); the diagnostics get the
+  adaptation signals (`adaptation_signals`): entropy and predicted shares
+  always, drift and collapsed classes against ``source_hist`` (C,) and
+  agreement with ``previous_labels`` (N, H, W) (last round's ``pl_label``)
+  when given.
 
   Returns:
     dict with ``pl_label`` (N, H, W) uint8, ``pl_weight`` (N, H, W) float32,
@@ -154,7 +179,7 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   # devices never hold more than one batch of the target set.
   hist = parallel.replicate(init_threshold_histogram(c, st.num_bins),
                             run.mesh)
-  cached = []
+  cached, sums = [], []
   probs_jit = None
   for logits, mask, keep, size in _logits_batches(run, state, images):
     probs_jit = probs_jit or _probs_jit(run, size)
@@ -162,6 +187,8 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
     valid = jnp.broadcast_to(mask[:, None, None], probs.shape[:3])
     hist = update_threshold_histogram(hist, probs, subsample=st.subsample,
                                       valid=valid)
+    # Global sums (C + 2 numbers a batch), fetched once after the pass.
+    sums.append(_signal_sums(probs, valid))
     cached.append((parallel.local_rows(logits, run.mesh), keep))
   thresholds = np.asarray(thresholds_from_histogram(
       jax.device_get(hist), portion), np.float32)
@@ -197,6 +224,8 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
                      zip(run.class_names, thresholds)},
       "density_cbst": float(label_density(before)),
   }
+  diag.update(adaptation_signals(
+      run.class_names, jax.device_get(sums), source_hist))
   if phase == 1:
     labels, weights = after, np.ones(after.shape, np.float32)
     weights[after == IGNORE_LABEL] = 0.0
@@ -235,9 +264,73 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
       diag["precision_hard_cbst"] = float(label_precision(
           before[~is_easy], ground_truth[~is_easy])) if (~is_easy).any() \
           else None
+  if previous_labels is not None:
+    diag.update(progress.label_agreement(previous_labels, labels))
   return {"pl_label": labels, "pl_weight": weights, "is_easy": is_easy,
           "thresholds": thresholds, "before": before, "after": after,
           "diagnostics": diag}
+
+
+# --------------------------------------------------------------------------
+# Unsupervised adaptation signals
+# --------------------------------------------------------------------------
+
+# Keys of a round's diagnostics that are adaptation signals.
+SIGNAL_KEYS = ("target_entropy", "class_drift", "num_source_classes",
+               "num_collapsed", "collapsed_classes", "agreement",
+               "labelled_both", "predicted_share", "warning")
+
+
+def adaptation_signals(class_names, sums: list[dict],
+                       source_hist: np.ndarray | None) -> dict[str, Any]:
+  """The label-free signals of one pass, from pass A's per-batch sums."""
+  entropy = sum(float(b["entropy_sum"]) for b in sums)
+  pixels = sum(int(b["pixels"]) for b in sums)
+  predicted = sum((np.asarray(b["predicted"], np.int64) for b in sums),
+                  np.zeros(len(class_names), np.int64))
+  out = {"target_entropy": entropy / pixels if pixels else 0.0,
+         "predicted_share": {n: round(float(v), 5) for n, v in zip(
+             class_names, progress.class_shares(predicted))}}
+  if source_hist is not None:
+    collapsed = progress.collapsed_classes(predicted, source_hist)
+    out.update(class_drift=progress.class_drift(predicted, source_hist),
+               num_source_classes=int((progress.class_shares(source_hist)
+                                       > progress.SOURCE_MIN_SHARE).sum()),
+               num_collapsed=int(len(collapsed)),
+               collapsed_classes=[class_names[k] for k in collapsed])
+  return out
+
+
+def source_histogram(run, max_images: int = 256) -> np.ndarray | None:
+  """Source label histogram (C,) over at most ``max_images`` evenly spaced
+  rows of each process's share, summed over processes; None without
+  source labels."""
+  domain = run.data.get("source_train")
+  labels = None if domain is None else domain.labels
+  if labels is None:
+    return None
+  n = len(labels)
+  rows = np.unique(np.linspace(0, n - 1, min(n, max_images)).astype(int))
+  hist = np.zeros(run.num_classes, np.int64)
+  for i in range(0, len(rows), 16):  # bounded memory for lazy real data
+    hist += progress.label_histogram(labels[rows[i:i + 16]],
+                                     run.num_classes)
+  return parallel.sum_over_processes(hist)
+
+
+def _format_signals(diag: dict[str, Any]) -> str:
+  line = (f"round {diag['round']} signals (no target labels): target entropy"
+          f" {diag['target_entropy']:.3f}")
+  if "class_drift" in diag:
+    names = ", ".join(diag["collapsed_classes"]) or "none"
+    line += (f", class drift vs source {diag['class_drift']:.3f} (TV),"
+             f" collapsed classes {diag['num_collapsed']}"
+             f"/{diag.get('num_source_classes', '?')} ({names})")
+  if "agreement" in diag:
+    line += (f", pseudo labels {100 * diag['agreement']:.1f}% unchanged"
+             f" from round {diag['round'] - 1} on the"
+             f" {100 * diag['labelled_both']:.1f}% labelled in both")
+  return line
 
 
 def _labels_path(run, r: int) -> str:
@@ -304,6 +397,15 @@ def _record_round(run, state, r: int, end: int, diag: dict[str, Any],
   return records
 
 
+def _signal_history(records: list[dict], before: int) -> list[dict]:
+  """Rounds < ``before`` with signals, oldest first: round, phase and the
+  `SIGNAL_KEYS` they have (runs from before the signals have none)."""
+  return [{"round": d["round"], "phase": d["phase"],
+           **{k: d[k] for k in SIGNAL_KEYS if k in d}}
+          for d in sorted(records, key=lambda d: d["round"])
+          if d["round"] < before and "target_entropy" in d]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        method: base.Method) -> dict[str, Any]:
   """Runs the whole self-training pipeline (resumable); returns the summary."""
@@ -342,6 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run.log(f"{config.method}: {r1} phase-1 + {r2} phase-2 rounds x"
             f" {steps_per_round} steps, batch {config.batch_size}")
     compiled = {}
+    source_hist = previous = None
     last = start // steps_per_round - 1
     if (start % steps_per_round == 0 and 0 <= last < r1 + r2
         and not any(d["round"] == last for d in records)):
@@ -357,7 +460,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       phase = 1 if r < r1 else 2
       data = load_pseudo_labels(run, r)
       if data is None:
-        data = make_pseudo_labels(run, state, r, phase, gt)
+        if source_hist is None:
+          source_hist = source_histogram(run)
+        if previous is None and r > 0:
+          previous = (load_pseudo_labels(run, r - 1) or {}).get("pl_label")
+        data = make_pseudo_labels(run, state, r, phase, gt,
+                                  source_hist=source_hist,
+                                  previous_labels=previous)
+        data["diagnostics"]["warning"] = progress.no_progress(
+            _signal_history(records, r) + [data["diagnostics"]])
         save_pseudo_labels(run, r, data)
         if run.is_main and st.num_pictures:
           # Process 0's share starts at image 0.
@@ -370,6 +481,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               title=f"round {r} (phase {phase}): CBST labels | "
               + ("after voting" if phase == 1 else "easy full labels"))
       diag = data["diagnostics"]
+      previous = data["pl_label"]
+      if "target_entropy" in diag:
+        run.log(_format_signals(diag))
+      if diag.get("warning"):
+        run.log(diag["warning"])
       run.writer.write_scalars(r * steps_per_round, {
           f"pseudo/{k}": v for k, v in diag.items()
           if isinstance(v, (int, float)) and v is not None})
@@ -400,12 +516,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     result = train_loop.evaluate_target(run, state, config.num_steps)
     extra = {"rounds": sorted(records, key=lambda d: d["round"]),
              "base_checkpoint": config.model.init_checkpoint}
+    extra["adaptation_signals"] = _signal_history(extra["rounds"],
+                                                  r1 + r2)
+    extra["adaptation_warning"] = progress.no_progress(
+        extra["adaptation_signals"])
     if base_eval is not None:
       extra["base_target_miou"] = base_eval["miou"]
     if run.is_main and records:
       run.log("\nper-round summary:")
       for d in extra["rounds"]:
         run.log("  " + _format_round(d))
+        if "target_entropy" in d:
+          run.log("    " + _format_signals(d))
+      if extra["adaptation_warning"]:
+        run.log(extra["adaptation_warning"])
     return train_loop.finish(run, state, result, extra=extra)
   finally:
     train_loop.close(run)
