@@ -291,8 +291,8 @@ def test_digits_shifts():
   # Colour: mean max-min over RGB per pixel (0 for grey digits).
   spread = {s: float(np.ptp(im.astype(np.float32), axis=-1).mean())
             for s, im in out.items()}
-  assert spread['mnist_m'] > 15, spread  # ~22: photo patches
-  assert spread['mnist_texture'] > 1.5 * spread['mnist_m'], spread  # ~55
+  assert spread['mnist_m'] > 15, spread  # ~53: photo patches
+  assert spread['mnist_texture'] > 1.5 * spread['mnist_m'], spread  # ~131
   again = digits.generate('mnist_texture', 'val', seed=0)[0]
   np.testing.assert_array_equal(again, out['mnist_texture'])  # Seeded.
   other = digits.generate('mnist_texture', 'val', seed=1)[0]
