@@ -4,7 +4,9 @@ Both are environment variables, set before JAX initialises (hence here), so
 the CLI subprocesses the tests start inherit them too.
 
 * ``--xla_force_host_platform_device_count=8``: sharding tests run on any
-  machine.
+  machine; plus ``child_env.COMPILE_FLAGS`` (LLVM -O0: tiny programs,
+  compile time dominates). Child processes get theirs from
+  ``child_env.child_env``.
 * ``JAX_COMPILATION_CACHE_DIR``: many tests compile the same tiny programs
   (every entry point's resume run, the reliability tests' reference and
   killed runs, both xdist workers). A fresh directory per test session,
@@ -18,7 +20,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import child_env  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+os.environ.setdefault("XLA_FLAGS", child_env.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The controller runs this first and the xdist workers inherit the variable,

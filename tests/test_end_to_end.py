@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import inprocess_cli
+import child_env
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,10 +34,9 @@ def _run(module, *args, cache_dir, check=True):
 
 
 def _run_subprocess(module, *args, cache_dir, check=True, xla_flags=None):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
+  env = child_env.child_env()  # One device: what a CPU user gets.
   if xla_flags:
-    env["XLA_FLAGS"] = xla_flags
+    env["XLA_FLAGS"] = f"{xla_flags} {child_env.COMPILE_FLAGS}"
   # --config must come before its overrides.
   config = [a for a in args if a.startswith("--config=")]
   rest = [a for a in args if not a.startswith("--config=")]
@@ -231,3 +231,42 @@ def test_weights_of_another_architecture_are_one_line_error(tmp_path,
               cache_dir=cache_dir, check=False)
   _assert_one_line_error(proc, str(donor), "has shape", "the model expects")
   assert sorted(os.listdir(donor / "checkpoints")) == before
+
+
+def test_best_on_target_val_selection_and_resume(tmp_path, cache_dir):
+  workdir = str(tmp_path / "select")
+  args = ("--config=experiments/configs/source_only.py:tiny",
+          f"--workdir={workdir}", "--config.eval.selection=best_on_target_val",
+          "--config.eval.every=2")
+  proc = _run("source_only", *args, cache_dir=cache_dir)
+  assert "model selection: step" in proc.stdout
+  summary = _check_summary(workdir, "source_only", 4)
+  sel = summary["selection"]
+  assert summary["model_selection"] == "best_on_target_val"
+  assert [e["step"] for e in sel["history"]] == [2, 4]
+  best = max(sel["history"], key=lambda e: e["score"])
+  assert sel["best_step"] == best["step"]
+  # The reported model is the best one, scored as its history entry says
+  # (the task's headline metric).
+  assert best["metric"] == "miou"
+  assert summary["target"]["miou"] == pytest.approx(best["score"])
+  assert os.listdir(os.path.join(workdir, "best_checkpoint")) == [
+      str(best["step"])]
+  last = next(e for e in sel["history"] if e["step"] == 4)
+  assert sel["last_iterate_target"]["miou"] == pytest.approx(
+      last["score"])
+  # Resumed with more steps: the history keeps its points and goes on.
+  _run("source_only", *args, "--config.num_steps=6", cache_dir=cache_dir)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    resumed = json.load(f)["selection"]
+  assert [e["step"] for e in resumed["history"]] == [2, 4, 6]
+  assert resumed["history"][:2] == sel["history"]
+
+
+def test_selection_is_refused_by_multi_stage_drivers(tmp_path, cache_dir):
+  proc = _run("tpld", "--config=experiments/configs/tpld.py:tiny",
+              f"--workdir={tmp_path}",
+              "--config.eval.selection=best_on_target_val",
+              cache_dir=cache_dir, check=False)
+  assert proc.returncode == 2
+  assert "multi-stage driver" in proc.stderr and "Traceback" not in proc.stderr

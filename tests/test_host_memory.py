@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import child_env
+
 from jaxda import host_memory
 
 _PROBE = r"""
@@ -40,10 +42,9 @@ print(json.dumps({"status": status, "faults_per_call": faults,
 
 
 def _probe(env_value: str) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = child_env.child_env(JAX_PLATFORMS="cpu")
   env[host_memory.ENV_VAR] = env_value
   env.pop("GLIBC_TUNABLES", None)
-  env.pop("XLA_FLAGS", None)
   out = subprocess.run([sys.executable, "-c", _PROBE], env=env, check=True,
                        capture_output=True, text=True, timeout=300)
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -21,6 +21,8 @@ import numpy as np
 import optax
 import pytest
 
+import child_env
+
 from experiments.configs import adaptsegnet as adaptsegnet_cfg
 from jaxda import checkpoint as checkpoint_lib
 from jaxda import models
@@ -47,9 +49,8 @@ def _free_port() -> int:
 def _launch(args, num_devices, log_prefix):
   """Starts one worker; its output goes to files (a full pipe would block
   it, and a blocked process stalls the collectives of the others)."""
-  env = dict(os.environ)
   # conftest asks for 8 devices; each child sets its own count.
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env = child_env.child_env(num_devices)
   env["JAX_PLATFORMS"] = "cpu"
   for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
               "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS"):

@@ -202,8 +202,8 @@ def test_num_steps_below_one_is_a_config_error(name, steps):
 @pytest.mark.parametrize("field,value,message", [
     ("eval.scales", (0.5, 0.0), "positive"),
     ("eval.scales", (-1.0,), "positive"),
-    ("eval.selection", "best_on_target_val", "not implemented"),
-    ("eval.selection", "oracle", "must be 'last'"),
+    ("eval.selection", "oracle", "must be one of"),
+    ("eval.every", -1, "eval.every"),
     ("source.height", -1, "source.height"),
     ("target.width", -5, "target.height/width"),
 ])

@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 100
 # Enough steps after the first log (step 5) that SIGTERM lands mid-run; no
@@ -38,9 +40,7 @@ def _command(workdir, cache_dir):
 
 
 def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # One device: what a CPU user gets.
-  return env
+  return child_env.child_env()  # One device: what a CPU user gets.
 
 
 def _run(workdir, cache_dir):
@@ -242,7 +242,7 @@ def _tpld_command(workdir, cache_dir):
           "--config=experiments/configs/tpld.py:tiny",
           f"--config.source.data_dir={cache_dir}",
           f"--config.target.data_dir={cache_dir}",
-          "--config.num_steps=24", "--config.checkpoint_every=5",
+          "--config.num_steps=12", "--config.checkpoint_every=5",
           "--config.log_every=4", f"--workdir={workdir}"]
 
 
@@ -257,8 +257,9 @@ def test_sigkill_across_a_tpld_round_boundary_resumes_exactly(
   shutil.copytree(os.path.join(ref, "base_source_only"),
               os.path.join(workdir, "base_source_only"))
   round1 = os.path.join(workdir, "pseudo_labels", "round_1.npz")
-  # Round 0 ends at step 12 (checkpointed at 10 and at the round end);
-  # the kill lands just after round 1's labels were written.
+  # Round 0 ends at step 6 (checkpointed at 5 and at the round end);
+  # the kill lands just after round 1's labels were written, in round 1's
+  # compile or its first steps (6 steps of ~0.5 s).
   returncode = _kill_when(_tpld_command(workdir, cache_dir),
                           lambda: os.path.exists(round1), tmp_path,
                           extra_delay_s=0.2)
@@ -270,7 +271,7 @@ def test_sigkill_across_a_tpld_round_boundary_resumes_exactly(
   assert proc.returncode == 0, proc.stderr
   assert "Resuming from checkpoint step" in proc.stdout
   final = _checkpoint_steps(ref)[-1]
-  assert final == 24 and _checkpoint_steps(workdir)[-1] == final
+  assert final == 12 and _checkpoint_steps(workdir)[-1] == final
   _assert_bitwise_equal(_saved_state(workdir, final),
                         _saved_state(ref, final))
   assert _summary_target(workdir) == _summary_target(ref)

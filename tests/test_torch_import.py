@@ -19,6 +19,8 @@ import numpy as np
 import optax
 import pytest
 
+import child_env
+
 torch = pytest.importorskip('torch')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,7 +312,7 @@ def test_cli_round_trip_and_init_weights(tmp_path):
                    seed=13)
   torch.save(net.state_dict(), tmp_path / 'init.pth')
   out = str(tmp_path / 'converted')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = child_env.child_env()
   cmd = [sys.executable, '-m', 'experiments.import_weights',
          f'--torch={tmp_path / "init.pth"}', '--arch=resnet_tiny',
          f'--out={out}']

@@ -9,7 +9,7 @@ mode, 4 ASPP branches, poly over 250k stopped at 120k, checkpoints every
 2000), ``minent``, ``vgg`` (DeepLab-v2 VGG-16: AdvEnt 36.1, MinEnt 32.8),
 ``synthia``. The released code is the paper's protocol
 (no ``code`` variant); its reported numbers are the best checkpoint on the
-target val labels (``eval.selection``, refused: not implemented).
+target val labels (``eval.selection='best_on_target_val'``).
 
 ``paper`` targets GTA5 -> Cityscapes 43.8 mIoU (AdvEnt, R101); ``paper,minent``
 42.3 (UNVERIFIED); SYNTHIA -> Cityscapes 40.8 / 47.6 (16 / 13 classes,

@@ -161,8 +161,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.full_resolution = True  # real data: score at the labels' size
   # 'last' (the last iterate; no target labels used). The originals report
   # 'best_on_target_val' (ADVENT TEST.MODE best: selection on target val
-  # labels, METHODS.md §3.10); that option is refused (not implemented).
+  # labels, METHODS.md §3.10): evaluated every eval.every steps, the best
+  # reported and labelled so (jaxda.train.selection; single-phase loop).
   c.eval.selection = "last"
+  c.eval.every = 0  # steps between selection evaluations; 0: checkpoint_every
   c.eval.scales = (1.0,)  # input scales whose logits are averaged (CRST 0.9, 1, 1.2)
   c.eval.flip = False  # also average the mirrored input's logits (CRST)
 

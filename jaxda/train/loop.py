@@ -42,6 +42,7 @@ from jaxda.data.readers import common as sources
 from jaxda.tasks import splits
 from jaxda.tasks import task as task_base
 from jaxda.train import init_weights
+from jaxda.train import selection
 from jaxda.train.exceptions import ConfigError
 from jaxda.train.exceptions import TrainingDivergedError
 from jaxda.train.signals import StopRequested
@@ -126,6 +127,16 @@ def validate_config(config: ml_collections.ConfigDict, method) -> None:
                     " >= 1")
   if not config.get("grad_accum_steps", 1) >= 1:
     problems.append("config.grad_accum_steps must be >= 1")
+  chosen = config.get("eval", {}).get("selection", selection.LAST)
+  if chosen not in selection.SELECTIONS:
+    problems.append(f"config.eval.selection must be one of"
+                    f" {selection.SELECTIONS}, got {chosen!r}")
+  elif chosen != selection.LAST and method.driver is not None:
+    problems.append(
+        f"config.eval.selection={chosen!r} is supported by the single-phase"
+        f" loop, not by {config.method}'s multi-stage driver; use 'last'")
+  if not config.get("eval", {}).get("every", 0) >= 0:
+    problems.append("config.eval.every must be >= 0 (0: checkpoint_every)")
   problems += tasks_lib.get_task(method.task).config_problems(config, method)
   if method.config_problems is not None:
     problems += method.config_problems(config)
@@ -473,6 +484,9 @@ def finish(run: Run, state, result: dict[str, Any], *,
       json.dump(summary, f, indent=2, default=str)
     os.replace(tmp, run.path("summary.json"))
     run.log("\n" + table)
+    if "selection" in summary:
+      run.log(f"model selection: step {summary['selection']['best_step']},"
+              f" {summary['selection']['note']}")
     run.log(
         f"\n{run.config.method}: {headline} after"
         f" {run.config.num_steps} steps, {summary['wall_time_s']:.0f} s\n"
@@ -516,6 +530,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for name, domain in run.data.items():  # Real data: files found.
       if (line := sources.describe(name, domain)) is not None:
         run.log(f"  {line}")
+    if config.eval.get("selection", "last") == selection.BEST_ON_TARGET_VAL:
+      compiled = {}
+      def train_until(s, first, stop):
+        if not compiled:
+          compiled["step"] = compile_step(run)
+          compiled["batches"] = paired_batches(run, first)
+        return run_steps(run, s, compiled["step"], compiled["batches"],
+                         first, stop)
+      state, result, info = selection.train_select_best(
+          run, state, start, train_until=train_until,
+          evaluate=lambda s, step: evaluate_target(run, s, step))
+      return finish(run, state, result, extra=info)
     if start < config.num_steps:
       step_jit = compile_step(run)
       state = run_steps(run, state, step_jit, paired_batches(run, start),
