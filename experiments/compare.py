@@ -3,29 +3,41 @@
   python -m experiments.compare --methods=source_only,adaptsegnet,advent,oracle \
       --seeds=0,1,2 --out=runs/compare
 
-Each (method, seed) run goes to ``OUT/<method>_seed<seed>`` (finished runs
-are reused, interrupted ones resume); the table goes to stdout and
-``OUT/results.json``. Extra ``--override key=value`` pairs apply to every run
-(e.g. ``--override num_steps=600``). Runs are compared by target mIoU
-(segmentation), accuracy (classification) or depth δ<1.25 (anchor tasks).
+Each (method, [shift,] seed) run goes to ``OUT/<method>[_<shift>]_seed<seed>``
+(finished runs are reused, interrupted ones resume) with a
+``provenance.json`` (commit, dirty tree, date, machine). The table goes to
+stdout and to ``OUT/table.json`` + ``OUT/table.md`` (per method and shift:
+mean ± std over seeds, the gain over source-only of the same shift and
+seed; per run: value, wall time, commit, config diff against the method's
+default). ``OUT/.gitignore`` keeps only those result files, so
+``results/<benchmark>/`` can be committed as it is
+(``experiments/results_files.py``). ``--shifts=default,weather`` runs each
+method on those target shifts. Extra ``--override key=value`` pairs apply to
+every run (e.g. ``--override num_steps=600``). Runs are compared by target
+mIoU (segmentation), accuracy (classification) or depth δ<1.25 (anchor
+tasks).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import results_files
+
 _METHODS = flags.DEFINE_list(
     "methods", ["source_only", "adaptsegnet", "advent", "oracle"],
     "Config names under experiments/configs (optionally name:variant).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _OUT = flags.DEFINE_string("out", "runs/compare", "Output directory.")
+_SHIFTS = flags.DEFINE_list(
+    "shifts", [], "Target shifts (config.target.shift) to run each method on;"
+    " empty: the configs' own.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "key=value applied to every config (dotted keys).")
 
@@ -62,55 +74,63 @@ def _apply_override(config, item: str) -> None:
       value.lower() in ("1", "true", "yes"))
 
 
+def _run_one(spec: str, seed: str, shift: str | None):
+  """Trains (or reuses) one run; returns its table row."""
+  from jaxda import methods  # pylint: disable=g-import-not-at-top
+  name, config = _load_config(spec)
+  _, default = _load_config(name)
+  config.seed = int(seed)
+  if shift is not None:
+    config.target.shift = shift
+  for item in _OVERRIDES.value:
+    _apply_override(config, item)
+  label = spec.replace(":", "-")
+  where = f"_{shift}" if shift is not None else ""
+  base_dir = os.path.join(_OUT.value, f"{_BASE_CONFIG}{where}_seed{seed}")
+  if (methods.get_method(config.method).warm_starts_from_source_only
+      and not config.model.init_checkpoint
+      and _BASE_CONFIG in _METHODS.value):
+    # It starts from the source-only run of the same seed (the same
+    # recipe its driver would otherwise train itself).
+    config.model.init_checkpoint = base_dir
+  workdir = os.path.join(_OUT.value, f"{label}{where}_seed{seed}")
+  summary_path = os.path.join(workdir, "summary.json")
+  provenance_path = os.path.join(workdir, "provenance.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  else:
+    t0 = time.time()
+    summary = methods.train_and_evaluate(config, workdir)
+    # The whole run's time (a driver's base model and rounds included).
+    with open(provenance_path, "w") as f:
+      json.dump({**results_files.provenance(),
+                 "wall_time_s": round(time.time() - t0, 2)}, f, indent=2)
+  provenance = {}
+  if os.path.exists(provenance_path):
+    with open(provenance_path) as f:
+      provenance = json.load(f)
+  metric, value = headline(summary["target"], summary["method"])
+  return {"label": label, "method": summary["method"], "seed": int(seed),
+          "shift": shift or config.target.get("shift", "default"),
+          "metric": metric, "value": value,
+          "wall_time_s": provenance.get("wall_time_s",
+                                        summary["wall_time_s"]),
+          "commit": provenance.get("commit"),
+          "dirty": provenance.get("dirty"),
+          "config_diff": results_files.config_diff(
+              summary["config"], default.to_dict()),
+          "workdir": os.path.relpath(workdir, _OUT.value)}
+
+
 def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from jaxda import methods  # pylint: disable=g-import-not-at-top
-  results = {}
-  for spec in _METHODS.value:
-    for seed in _SEEDS.value:
-      _, config = _load_config(spec)
-      config.seed = int(seed)
-      for item in _OVERRIDES.value:
-        _apply_override(config, item)
-      label = spec.replace(":", "-")
-      base_dir = os.path.join(_OUT.value, f"{_BASE_CONFIG}_seed{seed}")
-      if (methods.get_method(config.method).warm_starts_from_source_only
-          and not config.model.init_checkpoint
-          and _BASE_CONFIG in _METHODS.value):
-        # It starts from the source-only run of the same seed (the same
-        # recipe its driver would otherwise train itself).
-        config.model.init_checkpoint = base_dir
-      workdir = os.path.join(_OUT.value, f"{label}_seed{seed}")
-      summary_path = os.path.join(workdir, "summary.json")
-      if os.path.exists(summary_path):
-        with open(summary_path) as f:
-          summary = json.load(f)
-      else:
-        t0 = time.time()
-        summary = methods.train_and_evaluate(config, workdir)
-        summary["wall_time_s"] = time.time() - t0
-      metric, value = headline(summary["target"], summary["method"])
-      entry = results.setdefault(label, {"metric": metric, "values": [],
-                                         "wall_time_s": [], "seeds": []})
-      entry["values"].append(value)
-      entry["wall_time_s"].append(summary["wall_time_s"])
-      entry["seeds"].append(int(seed))
-  rows = [f"{'method':<24}{'target metric %':>22}{'wall s':>10}  seeds"]
-  for label, e in results.items():
-    m = [100 * v for v in e["values"]]
-    e["mean"] = statistics.mean(m)
-    e["std"] = statistics.stdev(m) if len(m) > 1 else 0.0
-    rows.append(f"{label:<24}{e['mean']:>14.2f} ± {e['std']:<5.2f}"
-                f"{statistics.mean(e['wall_time_s']):>10.0f}  {e['seeds']}"
-                f"  ({e['metric']})")
-  table = "\n".join(rows)
-  print("\n" + table)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(_OUT.value, "results.txt"), "w") as f:
-    f.write(table + "\n")
+  shifts = _SHIFTS.value or [None]
+  rows = [_run_one(spec, seed, shift) for shift in shifts
+          for spec in _METHODS.value for seed in _SEEDS.value]
+  table = results_files.write_table(_OUT.value, rows)
+  print("\n" + results_files.markdown(table))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""experiments.compare writes result files a repository can commit."""
+
+import json
+import os
+import subprocess
+
+import pytest
+from absl import flags
+
+from experiments import compare
+from experiments import results_files
+
+
+def test_config_diff_lists_changed_and_one_sided_keys():
+  default = {"seed": 0, "optim": {"lr": 0.1, "power": 0.9}, "a": (1, 2)}
+  config = {"seed": 3, "optim": {"lr": 0.2, "power": 0.9}, "a": (1, 2),
+            "b": True}
+  assert results_files.config_diff(config, default) == {"optim.lr": 0.2,
+                                                         "b": True}
+  assert results_files.config_diff(default, default) == {}
+
+
+def test_aggregate_mean_std_and_gain_over_source_only():
+  rows = [{"label": l, "shift": "s", "seed": seed, "metric": "miou",
+           "value": v, "wall_time_s": 1.0}
+          for l, seed, v in [("source_only", 0, 0.20), ("source_only", 1, 0.30),
+                             ("tpld", 0, 0.25), ("tpld", 1, 0.40)]]
+  agg = results_files.aggregate(rows)
+  tpld = agg["tpld|s"]
+  assert tpld["mean"] == pytest.approx(32.5)
+  assert tpld["std"] == pytest.approx(abs(40 - 25) / 2 ** 0.5)  # n - 1
+  assert tpld["gain"] == pytest.approx(7.5)  # mean of +5 and +10
+  assert agg["source_only|s"]["gain"] is None
+
+
+def test_gitignore_keeps_only_result_files(tmp_path):
+  out = tmp_path / "results" / "bench"
+  run = out / "source_only_seed0"
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  (run / "pictures").mkdir()
+  for name in ("summary.json", "rounds.json", "provenance.json",
+               "config.json", "metrics.jsonl", "checkpoints/4/state",
+               "pictures/a.png"):
+    (run / name).write_text("x")
+  results_files.write_gitignore(str(out))
+  subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+  listed = subprocess.run(
+      ["git", "ls-files", "--others", "--exclude-standard"], cwd=tmp_path,
+      capture_output=True, text=True, check=True).stdout.split()
+  assert sorted(listed) == sorted(
+      f"results/bench/{p}" for p in (
+          ".gitignore", "source_only_seed0/summary.json",
+          "source_only_seed0/rounds.json",
+          "source_only_seed0/provenance.json"))
+
+
+def test_compare_run_writes_table_and_provenance(tmp_path, shared_data_cache):
+  out = str(tmp_path / "bench")
+  argv = ["compare", "--methods=source_only:tiny", "--seeds=0",
+          "--shifts=weather", f"--out={out}",
+          f"--override=source.data_dir={shared_data_cache}",
+          f"--override=target.data_dir={shared_data_cache}"]
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(argv)
+  try:
+    compare._main(argv)
+    with open(os.path.join(out, "table.json")) as f:
+      table = json.load(f)
+    (row,) = table["rows"]
+    assert row["shift"] == "weather" and row["seed"] == 0
+    assert row["config_diff"]["target.shift"] == "weather"
+    assert row["commit"] == table["provenance"]["commit"]
+    assert row["workdir"] == "source_only-tiny_weather_seed0"
+    with open(os.path.join(out, row["workdir"], "summary.json")) as f:
+      assert json.load(f)["target"]["miou"] == row["value"]
+    md = open(os.path.join(out, "table.md")).read()
+    assert "| source_only-tiny | weather | miou |" in md
+    # A second call reuses the finished run (same row, no training).
+    compare._main(argv)
+    with open(os.path.join(out, "table.json")) as f:
+      assert json.load(f)["rows"] == table["rows"]
+  finally:
+    flags.FLAGS.unparse_flags()
