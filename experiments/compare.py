@@ -129,7 +129,7 @@ def _main(argv):
   shifts = _SHIFTS.value or [None]
   rows = [_run_one(spec, seed, shift) for shift in shifts
           for spec in _METHODS.value for seed in _SEEDS.value]
-  table = results_files.write_table(_OUT.value, rows)
+  table = results_files.write_table(_OUT.value, rows, _BASE_CONFIG)
   print("\n" + results_files.markdown(table))
 
 

@@ -90,9 +90,11 @@ def write_gitignore(out: str) -> None:
     f.write(_GITIGNORE)
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def aggregate(rows: list[dict[str, Any]], baseline: str
+              ) -> dict[str, dict[str, Any]]:
   """Per label: mean ± std (percent) of the headline, seeds, wall time, and
-  the mean gain over the ``source_only`` row of the same shift and seed."""
+  the mean gain over the ``baseline`` label's row of the same shift and
+  seed."""
   by_key = {(r["label"], r["shift"], r["seed"]): r for r in rows}
   out: dict[str, dict[str, Any]] = {}
   for r in rows:
@@ -102,8 +104,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     e["values"].append(100 * r["value"])
     e["seeds"].append(r["seed"])
     e["wall_time_s"].append(r["wall_time_s"])
-    base = by_key.get(("source_only", r["shift"], r["seed"]))
-    if base is not None and r["label"] != "source_only":
+    base = by_key.get((baseline, r["shift"], r["seed"]))
+    if base is not None and r is not base:
       e["gains"].append(100 * (r["value"] - base["value"]))
   for e in out.values():
     v = e["values"]
@@ -120,7 +122,8 @@ def markdown(table: dict[str, Any]) -> str:
            f"{' (dirty tree)' if p['dirty'] else ''}, {p['date']},"
            f" {p['machine']['cpu']} ({p['machine']['cores']} cores,"
            f" {p['machine']['device']}).", "",
-           "| method | shift | metric | mean ± std (%) | gain over source-only"
+           f"| method | shift | metric | mean ± std (%) | gain over"
+           f" {table['baseline']}"
            " | seeds | wall s (mean) |", "|---|---|---|---|---|---|---|"]
   for e in table["aggregate"].values():
     gain = "—" if e["gain"] is None else f"{e['gain']:+.2f}"
@@ -132,11 +135,12 @@ def markdown(table: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_table(out: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-  """Writes ``table.json`` and ``table.md`` under ``out``; returns the
-  table."""
-  table = {"provenance": provenance(), "rows": rows,
-           "aggregate": aggregate(rows)}
+def write_table(out: str, rows: list[dict[str, Any]], baseline: str
+                ) -> dict[str, Any]:
+  """Writes ``table.json`` and ``table.md`` under ``out`` (gains against
+  the ``baseline`` label); returns the table."""
+  table = {"provenance": provenance(), "rows": rows, "baseline": baseline,
+           "aggregate": aggregate(rows, baseline)}
   write_gitignore(out)
   with open(os.path.join(out, "table.json"), "w") as f:
     json.dump(table, f, indent=2, default=str)

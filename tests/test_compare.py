@@ -25,7 +25,7 @@ def test_aggregate_mean_std_and_gain_over_source_only():
            "value": v, "wall_time_s": 1.0}
           for l, seed, v in [("source_only", 0, 0.20), ("source_only", 1, 0.30),
                              ("tpld", 0, 0.25), ("tpld", 1, 0.40)]]
-  agg = results_files.aggregate(rows)
+  agg = results_files.aggregate(rows, "source_only")
   tpld = agg["tpld|s"]
   assert tpld["mean"] == pytest.approx(32.5)
   assert tpld["std"] == pytest.approx(abs(40 - 25) / 2 ** 0.5)  # n - 1
