@@ -109,6 +109,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.tada.local_attention_form = "1-H"  # '1-H' (Eq. 3) | 'H' | 'none'
   c.tada.stop_gradient_attention = True  # detach w and m (False = TA3N)
   c.tada.region_hidden = (64,)  # hidden widths of each region D
+  # Multiplier of L_g's reversed gradient into the network (0: no global
+  # adversarial term for the features; the global D still trains, a probe)
+  c.tada.lambda_global = 1.0
+  c.tada.global_attention = True  # m = 1 + H(d̂) on L_h; False: m = 1
 
   c.eval = ml_collections.ConfigDict()
   # Evaluation batch (rounded to the devices); 0 = auto: on GPU/TPU the

@@ -21,6 +21,17 @@ Options (METHODS.md §13 #21): ``tada.local_attention_form`` ('1-H' =
 paper Eq. 3 verbatim; 'H'; 'none'), ``tada.stop_gradient_attention``
 (default True, a project choice; False = TA3N: gradients flow through w and
 m). With form 'none', λ_l = 0 and γ = 0 the step is exactly DANN's.
+
+Ablation switches (``experiments/configs/tada.py`` variants ``local_only``,
+``global_only``, ``entropy_only``): ``tada.lambda_global`` scales L_g's
+reversed gradient into the network (0: the features get nothing from L_g,
+while the global discriminator keeps training on them as a probe, so
+``disc_acc`` still says how separable the bottleneck features are);
+``tada.global_attention`` False makes m = 1 (plain entropy).
+
+Logged per step: ``disc_acc`` (global D, source + target),
+``local_disc_acc`` (mean over the K region discriminators and the source +
+target images) and ``local_disc_acc_max`` (the best single region's).
 """
 
 from __future__ import annotations
@@ -79,6 +90,8 @@ def make_step(models: classification.ClassificationModels, config, tx,
   lambda_adv = config.adversarial.lambda_adv
   t = config.tada
   local = uses_local(config)
+  lambda_global = float(t.get("lambda_global", 1.0))
+  use_global_attention = bool(t.get("global_attention", True))
   coefficient = dann.coefficient_fn(config)
 
   def step(state, batch, rng):
@@ -102,17 +115,22 @@ def make_step(models: classification.ClassificationModels, config, tx,
             stop_gradient=t.stop_gradient_attention)
         # Mean over n images and K regions = (1 / (K n)) Σ_k Σ_i (Eq. 2).
         l_local = losses.bce_with_logits(region_logits, d[:, None])
+        region_acc = jnp.mean(
+            (region_logits >= 0.0) == (d[:, None] >= 0.5), axis=0)
         metrics.update(local_loss=l_local, local_attention=jnp.mean(w),
-                       local_disc_acc=classification.domain_accuracy(
-                           region_logits, d[:, None]))
+                       local_disc_acc=jnp.mean(region_acc),
+                       local_disc_acc_max=jnp.max(region_acc))
       out = classification.classify(models, params, fmap)
       g_logits = models.discriminator.apply(
           {"params": disc_params["global"]},
-          ops.gradient_reversal(out["bottleneck"], coeff))
+          ops.gradient_reversal(out["bottleneck"], coeff * lambda_global))
       l_global = losses.bce_with_logits(g_logits, d)
-      m = attention.global_attention(
-          jax.lax.stop_gradient(g_logits) if t.stop_gradient_attention
-          else g_logits)
+      if use_global_attention:
+        m = attention.global_attention(
+            jax.lax.stop_gradient(g_logits) if t.stop_gradient_attention
+            else g_logits)
+      else:
+        m = jnp.ones_like(g_logits, jnp.float32)
       l_ent = attention.attentive_entropy(out["logits"], m)
       ce = classification.cross_entropy(out["logits"][:n_s], src["label"])
       total = (ce + t.gamma_entropy * l_ent
@@ -172,6 +190,9 @@ def config_problems(config) -> list[str]:
   if config.tada.local_attention_form not in attention.LOCAL_ATTENTION_FORMS:
     problems.append("config.tada.local_attention_form must be one of"
                     f" {attention.LOCAL_ATTENTION_FORMS}")
+  if float(config.tada.get("lambda_global", 1.0)) < 0.0:
+    problems.append("config.tada.lambda_global must be >= 0, got"
+                    f" {config.tada.lambda_global}")
   return problems
 
 
