@@ -20,6 +20,7 @@ from jaxda.methods import source_only
 from jaxda.methods import tada
 from jaxda.methods.anchor import headfreeze
 from jaxda.methods.anchor import multitask_step as anchor
+from jaxda.methods.daformer import ema_driver as daformer
 from jaxda.methods.gam import activation_step as gam
 from jaxda.methods.gam import driver as gam_driver
 from jaxda.methods.self_training import rounds
@@ -58,6 +59,9 @@ METHODS: dict[str, base.Method] = {
         classification.ORACLE_CLS,
         dann.DANN,
         tada.TADA,
+        # Segmentation, EMA-teacher self-training (own driver).
+        daformer.DAFORMER,
+        daformer.MIC,
     )
 }
 
