@@ -144,6 +144,7 @@ def load_weights(path: str) -> dict[str, Any]:
   Returns:
     ``{'params': ..., 'batch_stats': ..., 'step': int}`` of host arrays.
   """
+  path = os.path.abspath(path)  # Orbax reads absolute paths only.
   directory = path
   if os.path.isdir(os.path.join(path, "checkpoints")):
     directory = os.path.join(path, "checkpoints")

@@ -99,6 +99,13 @@ def test_load_weights_reads_params_of_another_run(tmp_path):
   weights = checkpoint.load_weights(str(tmp_path / "run"))
   assert weights["step"] == 7
   np.testing.assert_array_equal(weights["params"]["w"], 3.0)
+  # A relative path (a user's --config.model.init_checkpoint=runs/x).
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    assert checkpoint.load_weights("run")["step"] == 7
+  finally:
+    os.chdir(cwd)
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
     checkpoint.load_weights(str(tmp_path / "missing"))
 
