@@ -41,8 +41,11 @@ def _lambdas(config, method) -> str:
   if "self_training" in config:
     st = config.self_training
     parts.append(f"MRKLD {st.mrkld_weight:g}")
-    parts.append(f"β {st.beta:g}" if st.target_loss == "bootstrap"
-                 else "CE")
+    if st.target_loss == "lrent":
+      parts.append(f"LRENT α {st.lrent_alpha:g}")
+    else:
+      parts.append(f"β {st.beta:g}" if st.target_loss == "bootstrap"
+                   else "CE")
     if st.phase2_rounds:
       parts.append(f"phase-2 adv {st.lambda_adv:g},"
                    f" source {st.phase2_source_weight:g}")

@@ -13,7 +13,9 @@ Variants (``VARIANTS``; comma-separated, any order): ``tiny``, ``paper``
 (DeepLab-v2 R101 on CRST's recipe, METHODS.md §6.6: GTA5 resized to
 1052x1914, Cityscapes 1024x2048, random scale 0.5-1.5 and 512x1024 crops,
 mirror, batch 2, constant lr 5e-5, BN frozen, main output only, evaluation
-at scales 0.9 / 1.0 / 1.2 x flip; TPLD: the
+at scales 0.9 / 1.0 / 1.2 x flip, pseudo labels scored at 0.9 x flip, 3% of
+the source per round (+0.25 points, at most 6%, redrawn), rare-class mining
+with chance 0.8; TPLD: the
 paper's 6 + 3 rounds, voting x3, MRKLD 0.1, phase 2 as Eq. 8: no source
 term, no labels on hard images), ``code`` (CRST's released code: MRKLD
 applied twice, effective 0.01), ``cbst`` and ``crst`` (the bases: no
@@ -64,7 +66,8 @@ def self_training_config() -> ml_collections.ConfigDict:
   st.pooling = "sum"  # 'sum' | 'mean' | 'max' | 'count'
   st.combine = "convex"  # 'convex' | 'additive'
   st.top_k = 2  # competing classes per pixel
-  st.target_loss = "bootstrap"  # 'bootstrap' (TPLD Eq. 3) or 'ce' (CBST)
+  st.target_loss = "bootstrap"  # 'bootstrap' (TPLD Eq. 3), 'ce' (CBST), 'lrent'
+  st.lrent_alpha = 0.25  # CRST-LRENT soft-label α (target_loss='lrent')
   st.beta = 0.95  # bootstrapping weight of the pseudo label (UNVERIFIED)
   st.stop_gradient_prediction = True  # (1-β)·p/λ treated as a fixed target
   st.mrkld_weight = 0.0  # CRST-MRKLD coefficient (paper 0.1, code 0.01)
@@ -79,6 +82,20 @@ def self_training_config() -> ml_collections.ConfigDict:
   st.base_learning_rate = 0.02  # LR of that source-only base run
   st.report_precision = True  # pseudo-label precision vs target GT (report)
   st.num_pictures = 4  # images in the per-round pseudo-label picture
+  # CBST / CRST recipe (jaxda.methods.self_training.recipe, METHODS.md §6.4-
+  # §6.6); the defaults change nothing, `paper` sets CRST's values.
+  st.source_portion = 1.0  # share of source images per round (CRST 0.03)
+  st.source_portion_step = 0.0  # its increase per round (CRST 0.0025)
+  st.source_portion_max = 1.0  # its cap (CRST 0.06)
+  st.source_sampling = "redraw"  # new subset a round (CRST) | 'cumulative'
+  st.score_scales = (1.0,)  # pseudo-label scoring input scales (CRST 0.9)
+  st.score_flip = False  # scoring also averages the mirrored input (CRST)
+  st.mine_chance = 0.0  # P(target crop centred on a mined class) (CRST 0.8)
+  st.mine_port = 1e-3  # predicted-pixel share below which a class is mined
+  st.rare_cls_num = 3  # rarest classes recorded per round (rare_ids)
+  st.spatial_prior = ""  # CBST-SP: '' | 'source' (label counts) | .npy/.mat
+  st.spatial_prior_smoothing = 1.0  # 'source': added count per class and pixel
+  st.spatial_prior_renormalize = False  # renormalise prior x p (original: no)
   return st
 
 
@@ -130,6 +147,11 @@ def _paper(c):
   c.model.aspp_branches_used = 4
   c.model.bn_mode = "frozen"  # model.eval()
   c.eval.scales, c.eval.flip = (0.9, 1.0, 1.2), True  # CRST's test
+  st.score_scales, st.score_flip = (0.9,), True  # CRST's labelling pass
+  # CRST: 3% of the source a round, +0.25 points, at most 6%, redrawn.
+  st.source_portion, st.source_portion_step = 0.03, 0.0025
+  st.source_portion_max, st.source_sampling = 0.06, "redraw"
+  st.mine_chance = 0.8  # rare-class mining (§6.5)
   c.batch_size = 2
   c.optim.learning_rate = 5e-5  # CRST: constant 5e-5
   c.optim.power = 0.0
@@ -147,6 +169,14 @@ def _paper(c):
   c.num_steps = (st.phase1_rounds + st.phase2_rounds) * PAPER_STEPS_PER_ROUND
 
 
+def _lrent(c):
+  st = c.self_training
+  st.target_loss = "lrent"  # soft labels (p/λ)^(1/α), soft CE
+  st.lrent_alpha = 0.25  # lrent.sh
+  st.mrkld_weight = 0.0
+  st.voting = False
+
+
 def _code(c):
   if c.self_training.mrkld_weight:
     c.self_training.mrkld_weight = 0.01  # CRST code: α applied twice (α²)
@@ -156,6 +186,8 @@ def _synthia(c):
   common.SYNTHIA.apply(c)
   if c.source.height:
     c.source.height, c.source.width = common.SYNTHIA_SIZE
+  if c.self_training.source_portion < 1:  # CRST SYNTHIA: 2% at round 0
+    c.self_training.source_portion = 0.02
 
 
 _PAPER = common.Variant(
@@ -174,7 +206,11 @@ VARIANTS = {
 }
 # The CBST / CRST entry points: their method fixed, the rest as here.
 CBST_VARIANTS = {"tiny": _TINY, "paper": _PAPER, "vgg": common.VGG}
-CRST_VARIANTS = {"tiny": _TINY, "paper": _PAPER, "code": _CODE}
+CRST_VARIANTS = {
+    "tiny": _TINY, "paper": _PAPER, "code": _CODE,
+    "lrent": common.Variant(_lrent, "CRST-LRENT: soft pseudo labels, α 0.25,"
+                            " no MRKLD", common.METHOD, conflicts=("code",)),
+}
 # TPLD on a CBST base (47.8, SECONDARY): ``paper`` with
 # --config.self_training.mrkld_weight=0 (``paper,cbst`` is CBST itself).
 PUBLISHED = {"paper": "51.2 (SECONDARY)",

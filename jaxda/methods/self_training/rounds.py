@@ -33,6 +33,11 @@ round, stores them in ``summary.json['adaptation_signals']`` and logs (and
 stores as ``adaptation_warning``) ``progress.no_progress``'s one-line
 warning when they show no progress.
 
+The CBST / CRST recipe (``jaxda.methods.self_training.recipe``, fields
+whose defaults change nothing): a per-round random share of the source
+images, scoring at ``score_scales`` x ``score_flip``, rare-class mining of
+the target crops, CBST-SP spatial priors and CRST-LRENT soft labels.
+
 With no ``model.init_checkpoint`` the driver first trains (or reuses) a
 source-only base model in ``workdir/base_source_only``. ``num_steps`` must
 give every round at least one step (``num_steps = 0`` is a ``ConfigError``:
@@ -58,11 +63,12 @@ from jaxda.methods import base
 from jaxda.methods import source_only
 from jaxda.methods.self_training.densify import densify
 from jaxda.methods.self_training import progress
+from jaxda.methods.self_training import recipe
 from jaxda.methods.self_training.easy_hard import (
     easy_hard_split, easy_image_labels, image_confidence, label_density,
     label_precision)
 from jaxda.methods.self_training.thresholds import (
-    init_threshold_histogram, select, target_portion,
+    init_threshold_histogram, lrent_soft_labels, select, target_portion,
     thresholds_from_histogram, update_threshold_histogram)
 from jaxda.tasks import evaluation
 from jaxda.tasks import splits
@@ -83,6 +89,7 @@ def rounds_and_steps(config, method: base.Method) -> tuple[int, int, int]:
   (``method.phase_steps['phase2']``).
   """
   st = config.self_training
+  recipe.check(config)
   r1, r2 = int(st.phase1_rounds), int(st.phase2_rounds)
   if r1 < 0 or r2 < 0 or r1 + r2 == 0:
     raise ConfigError(
@@ -108,12 +115,14 @@ def rounds_and_steps(config, method: base.Method) -> tuple[int, int, int]:
 
 
 def _logits_batches(run, state, images):
-  """Yields global low-resolution logits (B, h, w, C), global mask (B,),
-  this process's host mask (B / P,) and the input size (H, W), over this
-  process's ``images`` (its share)."""
+  """Yields global low-resolution logits (B, h, w, C) (a tuple of them, one
+  per view, with ``self_training.score_scales`` / ``score_flip``), global
+  mask (B,), this process's host mask (B / P,) and the input size (H, W),
+  over this process's ``images`` (its share)."""
   logits_jit = parallel.jit_inference(
       evaluation.make_logits_fn(run.models,
-                                bn_mode=run.config.model.bn_mode), run.mesh)
+                                bn_mode=run.config.model.bn_mode), run.mesh
+  ) if recipe.single_view(run.config) else recipe.make_view_logits(run)
   for batch in parallel.process_eval_batches(
       images, None, global_batch_size=splits.eval_batch_size(run),
       mode=run.config.data.normalization,
@@ -126,12 +135,15 @@ def _logits_batches(run, state, images):
 
 
 def _probs_jit(run, size):
+  if not recipe.single_view(run.config):
+    return recipe.make_view_probs(run, size)
   return jax.jit(functools.partial(
       evaluation.probs_from_logits, size=tuple(size),
       align_corners=run.config.model.upsample_align_corners))
 
 
 _signal_sums = jax.jit(progress.batch_signal_sums)
+_lrent = jax.jit(lrent_soft_labels, static_argnames="alpha")
 
 
 def make_pseudo_labels(run, state, round_index: int, phase: int,
@@ -177,21 +189,34 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   # puts one batch at a time back on the devices and redoes only the
   # upsampling and softmax, bit-identical to a second forward pass. The
   # devices never hold more than one batch of the target set.
+  # With a spatial prior (CBST-SP) the thresholds and labels use prior x p
+  # (`scores`); the adaptation signals keep the softmax.
   hist = parallel.replicate(init_threshold_histogram(c, st.num_bins),
                             run.mesh)
-  cached, sums = [], []
-  probs_jit = None
+  floor = recipe.histogram_floor(run.config)
+  cached, sums, counts = [], [], []
+  probs_jit = prior_fn = None
   for logits, mask, keep, size in _logits_batches(run, state, images):
-    probs_jit = probs_jit or _probs_jit(run, size)
+    if probs_jit is None:
+      probs_jit = _probs_jit(run, size)
+      prior_fn = recipe.make_prior_fn(run,
+                                      recipe.load_spatial_prior(run, size))
     probs = probs_jit(logits)
     valid = jnp.broadcast_to(mask[:, None, None], probs.shape[:3])
-    hist = update_threshold_histogram(hist, probs, subsample=st.subsample,
-                                      valid=valid)
+    scores = probs if prior_fn is None else prior_fn(probs)
+    hist = update_threshold_histogram(hist, scores, subsample=st.subsample,
+                                      valid=valid, floor=floor)
     # Global sums (C + 2 numbers a batch), fetched once after the pass.
     sums.append(_signal_sums(probs, valid))
-    cached.append((parallel.local_rows(logits, run.mesh), keep))
+    if prior_fn is not None:
+      counts.append(recipe.count_predictions(scores, valid))
+    cached.append((jax.tree.map(lambda x: parallel.local_rows(x, run.mesh),
+                                logits), keep))
   thresholds = np.asarray(thresholds_from_histogram(
-      jax.device_get(hist), portion), np.float32)
+      jax.device_get(hist), portion, floor=floor), np.float32)
+  lrent = st.target_loss == "lrent" and phase == 1
+  soft_out = recipe.SoftLabelWriter(recipe.soft_path(run, round_index),
+                                    len(images)) if lrent else None
 
   # Pass B: labels, densification, image confidence.
   lam = jnp.asarray(thresholds)
@@ -199,9 +224,15 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   rows = lambda x: parallel.local_rows(x, run.mesh)
   for host_logits, keep in cached:
     probs = probs_jit(parallel.shard_batch(host_logits, run.mesh))
+    if prior_fn is not None:
+      probs = prior_fn(probs)
     cbst = select(probs, lam)
     dense = cbst
-    if st.voting and (phase == 1 or st.phase2_hard_labels == "voted"):
+    if lrent:  # CRST-LRENT: soft targets; hard = argmax where kept
+      soft, kept = _lrent(probs, lam, alpha=float(st.lrent_alpha))
+      dense = jnp.where(kept, jnp.argmax(soft, -1), IGNORE_LABEL)
+      soft_out.add(rows(soft)[keep].astype(np.float16))
+    elif st.voting and (phase == 1 or st.phase2_hard_labels == "voted"):
       dense = densify(probs, cbst, lam, window=st.window, alpha=st.alpha,
                       num_iters=st.num_iters, pooling=st.pooling,
                       combine=st.combine, top_k=st.top_k)
@@ -212,6 +243,8 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
       labels, weights = easy_image_labels(probs, lam, gamma=st.gamma)
       full.append(rows(labels)[keep])
       full_w.append(rows(weights)[keep])
+  if soft_out is not None:
+    soft_out.close()
   n = int(parallel.sum_over_processes(np.asarray(len(images))))
   # Every process's rows, in image order, on every process.
   whole = lambda parts, dtype: parallel.gather_process_rows(
@@ -226,6 +259,13 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
   }
   diag.update(adaptation_signals(
       run.class_names, jax.device_get(sums), source_hist))
+  if float(st.get("mine_chance", 0.0)):  # rare-class mining (§6.5)
+    predicted = (sum(np.asarray(x, np.int64) for x in jax.device_get(counts))
+                 if counts else sum(np.asarray(b["predicted"], np.int64)
+                                    for b in jax.device_get(sums)))
+    diag.update(recipe.mining_ids(run.config, predicted))
+  if lrent:
+    diag["pseudo_labels"] = "lrent"
   if phase == 1:
     labels, weights = after, np.ones(after.shape, np.float32)
     weights[after == IGNORE_LABEL] = 0.0
@@ -371,8 +411,9 @@ def _format_round(diag: dict[str, Any]) -> str:
   line = (f"round {diag['round']} (phase {diag['phase']}, portion"
           f" {diag['portion']:.2f}): ")
   if diag["phase"] == 1:
+    how = "LRENT" if diag.get("pseudo_labels") == "lrent" else "voting"
     line += (f"density {pct('density_cbst')} -> {pct('density_voted')} after"
-             f" voting, precision {pct('precision_cbst')} ->"
+             f" {how}, precision {pct('precision_cbst')} ->"
              f" {pct('precision_voted')}")
   else:
     line += (f"easy/hard {diag['num_easy']}/{diag['num_hard']}, CBST"
@@ -430,7 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           height=splits.domain_size(config, "target")[0],
           width=splits.domain_size(config, "target")[1],
           num_images=config.data.num_train_images, seed=config.data.seed,
-          require_labels=False).labels
+          require_labels=False,
+          list_file=config.target.get("list_file", "") or None).labels
     state, start = train_loop.init_or_restore(run)
     records_path = run.path("rounds.json")
     records = []
@@ -459,6 +501,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for r in range(start // steps_per_round, r1 + r2):
       phase = 1 if r < r1 else 2
       data = load_pseudo_labels(run, r)
+      lrent = st.target_loss == "lrent" and phase == 1
+      if lrent and parallel.sum_over_processes(np.asarray(
+          int(recipe.load_soft(run, r) is None))):
+        data = None  # a process's soft labels are missing: all relabel
       if data is None:
         if source_hist is None:
           source_hist = source_histogram(run)
@@ -505,11 +551,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           "thresholds": np.broadcast_to(data["thresholds"],
                                         (n, run.num_classes)).copy(),
       }
+      if lrent:
+        extras["pl_soft"] = recipe.load_soft(run, r)
+      # CRST: a new random share of the source images each round (§6.6).
+      round_run, source_info = recipe.round_source(run, r)
+      if source_info:
+        diag = dict(diag, **source_info)
+        run.log(f"round {r}: {source_info['num_source_images']} source"
+                f" images ({100 * source_info['source_portion']:.2f}%)")
       begin = max(start, r * steps_per_round)
       end = (r + 1) * steps_per_round
       state = train_loop.run_steps(
           run, state, compiled[phase],
-          train_loop.paired_batches(run, begin, target_extras=extras),
+          recipe.round_batches(round_run, begin, extras,
+                               diag.get("mine_ids")),
           begin, end, desc=f"round {r} (phase {phase})")
       records = _record_round(run, state, r, end, diag, records,
                               records_path)

@@ -9,10 +9,14 @@ target batch:
   ``batch['target']['pl_weight']``  (B, H, W) float32 per-pixel weight
   ``batch['target']['thresholds']`` (B, C) λ of the round (same every row)
   ``batch['target']['is_easy']``    (B,) bool, phase 2 only
+  ``batch['target']['pl_soft']``    (B, H, W, C) float16 CRST-LRENT soft
+                                    labels (``target_loss='lrent'``; all
+                                    zero where ``pl_label`` is IGNORE_LABEL)
 
 Phase 1 (CBST / CRST / TPLD-1): source CE + target term on the pseudo labels
-(plain CE for CBST, the TPLD bootstrapped term otherwise) + the MRKLD
-regulariser on pseudo-labelled pixels (METHODS.md §6.2, §7.1, §7.2).
+(plain CE for CBST, soft CE on the LRENT soft labels for CRST-LRENT, the
+TPLD bootstrapped term otherwise) + the MRKLD regulariser on
+pseudo-labelled pixels (METHODS.md §6.2, §7.1, §7.2).
 
 Phase 2 (TPLD-2, §7.3): easy images train on their full pseudo labels with
 the bootstrapped term (per-pixel weights (p/λ)^γ below the threshold); hard
@@ -31,8 +35,13 @@ from jaxda.types import IGNORE_LABEL
 
 
 def _target_term(logits, labels, thresholds, weights, *, kind, beta,
-                 stop_gradient_prediction):
+                 stop_gradient_prediction, soft=None):
   """Target loss on pseudo labels for one output level."""
+  if kind == "lrent":
+    # CRST-LRENT: -sum_k soft_k log p_k, mean over the kept pixels.
+    return losses.soft_cross_entropy(
+        logits=logits, targets=jax.lax.stop_gradient(
+            soft.astype(jnp.float32)), mask=labels != IGNORE_LABEL)
   if kind == "ce":
     return losses.softmax_cross_entropy(logits=logits, labels=labels,
                                         weights=weights)
@@ -40,7 +49,8 @@ def _target_term(logits, labels, thresholds, weights, *, kind, beta,
     return losses.tpld_bootstrap_loss(
         logits=logits, labels=labels, thresholds=thresholds, beta=beta,
         stop_gradient_prediction=stop_gradient_prediction, weights=weights)
-  raise ValueError(f"unknown target loss {kind!r}; use 'ce' or 'bootstrap'")
+  raise ValueError(f"unknown target loss {kind!r}; use 'ce', 'lrent' or"
+                   " 'bootstrap'")
 
 
 def _per_example_bce(d_out: jax.Array, target: float) -> jax.Array:
@@ -84,7 +94,8 @@ def _self_training_loss(models, config, params, batch_stats, src, tgt, *,
     w = 1.0 if level == "main" else lambda_aux
     term = _target_term(
         logit, labels, thresholds, tgt["pl_weight"], kind=kind, beta=st.beta,
-        stop_gradient_prediction=st.stop_gradient_prediction)
+        stop_gradient_prediction=st.stop_gradient_prediction,
+        soft=tgt.get("pl_soft"))
     metrics[f"{prefix}_{level}"] = term
     total = total + st.target_weight * w * term
     if mrkld_weight:

@@ -178,19 +178,34 @@ def class_thresholds(
 # ---------------------------------------------------------------------------
 
 
-def _logit_range(num_classes: int, num_bins: int):
+def _floor(num_classes: int, floor: Optional[float]) -> float:
+  """The smallest binned confidence: 1/C, or `floor` where given (scores
+  that are not a softmax, e.g. CBST-SP's prior x softmax, go below 1/C)."""
+  if floor is None:
+    return 1.0 / num_classes
+  if not 0.0 < floor < 1.0:
+    raise ValueError(f"floor must be in (0, 1), got {floor}")
+  return float(floor)
+
+
+def _logit_range(num_classes: int, num_bins: int,
+                 floor: Optional[float] = None):
   """(lowest logit, bin width) of the histogram layout."""
   if num_classes < 2:
     raise ValueError(f"need at least 2 classes, got {num_classes}")
   if num_bins < 1:
     raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-  # max_c p_c >= 1/C, and logit(1/C) = -log(C - 1).
-  low = -math.log(num_classes - 1)
+  if floor is None:
+    # max_c p_c >= 1/C, and logit(1/C) = -log(C - 1).
+    low = -math.log(num_classes - 1)
+  else:
+    low = math.log(_floor(num_classes, floor)) - math.log1p(-floor)
   return low, (_TOP_LOGIT - low) / num_bins
 
 
 def threshold_histogram_edges(num_classes: int,
-                              num_bins: int = DEFAULT_NUM_BINS) -> np.ndarray:
+                              num_bins: int = DEFAULT_NUM_BINS,
+                              floor: Optional[float] = None) -> np.ndarray:
   """Bin edges of the threshold histogram in probability space.
 
   Bins are uniform in logit space z = log(p / (1 - p)) between logit(1/C)
@@ -204,11 +219,12 @@ def threshold_histogram_edges(num_classes: int,
   Args:
     num_classes: C >= 2.
     num_bins: bins per class.
+    floor: lowest edge instead of 1/C (scores below 1/C: CBST-SP).
 
   Returns:
-    (num_bins + 1,) float64 increasing edges, edges[0] = 1/C.
+    (num_bins + 1,) float64 increasing edges, edges[0] = 1/C (or floor).
   """
-  low, width = _logit_range(num_classes, num_bins)
+  low, width = _logit_range(num_classes, num_bins, floor)
   z = low + width * np.arange(num_bins + 1, dtype=np.float64)
   return 1.0 / (1.0 + np.exp(-z))
 
@@ -236,11 +252,12 @@ def init_threshold_histogram(num_classes: int,
 
 
 def _confidence_bins(conf: jax.Array, num_classes: int,
-                     num_bins: int) -> jax.Array:
+                     num_bins: int, floor: Optional[float] = None
+                     ) -> jax.Array:
   """int32 bin index (same shape as `conf`) of argmax confidences."""
-  low, width = _logit_range(num_classes, num_bins)
+  low, width = _logit_range(num_classes, num_bins, floor)
   conf = conf.astype(jnp.float32)
-  p = jnp.clip(conf, 1.0 / num_classes, 1.0)
+  p = jnp.clip(conf, _floor(num_classes, floor), 1.0)
   # logit via log1p: 1 - p is exact for p >= 0.5 (Sterbenz), so values a few
   # float32 ulps below 1 still get distinct, accurate logits. p == 1 -> +inf.
   z = jnp.log(p) - jnp.log1p(-p)
@@ -267,13 +284,14 @@ def _subsample_mask(pred: jax.Array, valid: jax.Array, num_classes: int,
   return jax.lax.fori_loop(0, num_classes, body, jnp.zeros_like(valid))
 
 
-@functools.partial(jax.jit, static_argnames=("subsample",))
+@functools.partial(jax.jit, static_argnames=("subsample", "floor"))
 def update_threshold_histogram(
     hist: jax.Array,
     probs: jax.Array,
     *,
     subsample: int = 4,
     valid: Optional[jax.Array] = None,
+    floor: Optional[float] = None,
 ) -> jax.Array:
   """Adds one batch of argmax confidences to the threshold histogram.
 
@@ -287,6 +305,8 @@ def update_threshold_histogram(
     probs: (B, H, W, C) softmax probabilities.
     subsample: per-image, per-class subsampling stride (static).
     valid: optional (B, H, W) bool mask of pixels to count.
+    floor: histogram layout floor (`threshold_histogram_edges`); the same
+      value must reach `thresholds_from_histogram`.
 
   Returns:
     (C, num_bins) int32 updated counts.
@@ -306,7 +326,8 @@ def update_threshold_histogram(
   else:
     valid = valid.reshape(pred.shape).astype(bool)
   keep = _subsample_mask(pred, valid, num_classes, subsample)
-  flat_index = pred * num_bins + _confidence_bins(conf, num_classes, num_bins)
+  flat_index = pred * num_bins + _confidence_bins(conf, num_classes, num_bins,
+                                                  floor)
   counts = jnp.zeros(num_classes * num_bins, jnp.int32).at[
       flat_index.reshape(-1)].add(keep.reshape(-1).astype(jnp.int32))
   return hist + counts.reshape(num_classes, num_bins)
@@ -317,6 +338,7 @@ def thresholds_from_histogram(
     portion: float,
     *,
     mxnet_leading_zero: bool = False,
+    floor: Optional[float] = None,
 ) -> np.ndarray:
   """λ_k from a streaming histogram (host-side, on a (C, bins) array).
 
@@ -332,6 +354,7 @@ def thresholds_from_histogram(
     hist: (C, num_bins) counts (JAX or NumPy), e.g. summed over devices.
     portion: target portion p in [0, 1].
     mxnet_leading_zero: CBST MXNet quirk, as in `thresholds_from_confidences`.
+    floor: the layout floor the histogram was filled with.
 
   Returns:
     (C,) float32 thresholds.
@@ -339,7 +362,7 @@ def thresholds_from_histogram(
   portion = _check_portion(portion)
   counts = np.asarray(hist).astype(np.int64)
   num_classes, num_bins = counts.shape
-  edges = threshold_histogram_edges(num_classes, num_bins)
+  edges = threshold_histogram_edges(num_classes, num_bins, floor)
   # at_least[c, j] = number of confidences of class c in bins >= j.
   at_least = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]
   thr = np.ones(num_classes, np.float32)
