@@ -79,6 +79,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Cityscapes 512x1024); 0 = the shared config.data size.
   c.source.height = 0  # source image height after resizing; 0 = data.height
   c.source.width = 0  # source image width after resizing; 0 = data.width
+  # Real data: a file naming one image stem per line restricts the train
+  # split to those images (CRST's 19,984-image GTA5 list); '' = all.
+  c.source.list_file = ""
   c.target = ml_collections.ConfigDict()
   # Embedded target shift: 'default' | 'texture' | 'weather' | 'sensor' |
   # 'layout' (TARGET_SHIFTS); target.name follows it until target.name is set
@@ -88,6 +91,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.target.data_dir = ""  # as source.data_dir
   c.target.height = 0  # target train/val input height; 0 = data.height
   c.target.width = 0  # target train/val input width; 0 = data.width
+  c.target.list_file = ""  # as source.list_file (CRST: 505-image ClsConfSet)
 
   c.data = ml_collections.ConfigDict()
   c.data.height = 64  # training/eval image height after resizing

@@ -44,7 +44,8 @@ _FLIP_SALT = 0x666C6970  # Keeps flip draws independent of permutations.
 
 def load_domain(name, *, role=None, data_dir=None, split='train',
                 height=None, width=None, num_images=None, seed=0,
-                require_labels=True, resize_mismatched_labels=False):
+                require_labels=True, resize_mismatched_labels=False,
+                list_file=None):
   """Loads one split of a data set by its config name (`registry`).
 
   Args:
@@ -74,6 +75,8 @@ def load_domain(name, *, role=None, data_dir=None, split='train',
       them; drop them yourself for unsupervised target training.
     resize_mismatched_labels: real segmentation data sets: resize a label
       whose size differs from its image instead of failing.
+    list_file: real segmentation data sets: keep only the images this file
+      names (one stem per line), in its order.
 
   Returns:
     Domain with images uint8 (N, H, W, 3), labels uint8 (N, H, W) (or (N,)
@@ -87,7 +90,7 @@ def load_domain(name, *, role=None, data_dir=None, split='train',
       domain, role=role, data_dir=data_dir, split=split, height=height,
       width=width, num_images=num_images, seed=seed,
       require_labels=require_labels,
-      resize_mismatched_labels=resize_mismatched_labels)
+      resize_mismatched_labels=resize_mismatched_labels, list_file=list_file)
 
 
 def real_dataset(name, data_dir=None):

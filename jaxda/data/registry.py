@@ -31,6 +31,7 @@ from jaxda.data.readers import common
 from jaxda.data.readers import digit_files
 from jaxda.data.readers import folder
 from jaxda.data.readers import gta5
+from jaxda.data.readers import image_lists
 from jaxda.data.readers import office
 from jaxda.data.readers import synthia
 
@@ -105,9 +106,20 @@ class Dataset:
 
   def load_split(self, domain='', *, role=None, data_dir=None, split='train',
                  height=None, width=None, num_images=None, seed=0,
-                 require_labels=True, resize_mismatched_labels=False):
-    """One split as a `Domain` (see `pipeline.load_domain` for the args)."""
+                 require_labels=True, resize_mismatched_labels=False,
+                 list_file=None):
+    """One split as a `Domain` (see `pipeline.load_domain` for the args).
+
+    `list_file`: a file naming one image stem per line; the split keeps those
+    images, in that order (`readers.image_lists.restrict_to_list`: a stem the
+    split lacks is a one-line `DataError` naming the file and the stem).
+    """
     if self.open is None:
+      if list_file:
+        raise errors.DataError(
+            f'data set {self.name!r} is not read from image files; a list '
+            f'file ({list_file}) restricts only: '
+            f'{", ".join(n for n in names(reads_files=True))}')
       return self.load(domain, role=role, data_dir=data_dir, split=split,
                        height=height, width=width, num_images=num_images,
                        seed=seed, require_labels=require_labels)
@@ -116,6 +128,8 @@ class Dataset:
     options = ({'resize_mismatched_labels': resize_mismatched_labels}
                if self.label_kind == DENSE else {})
     source = self.open_split(data_dir, split, domain, **options)
+    if list_file:
+      image_lists.restrict_to_list(source, list_file)
     return common.source_domain(source, height=height, width=width,
                                 require_labels=require_labels)
 

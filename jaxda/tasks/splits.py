@@ -58,7 +58,10 @@ def load_data(config, method) -> dict[str, pipeline.Domain]:
         split=split, height=height, width=width, num_images=num_images,
         seed=config.data.seed, require_labels=require_labels,
         resize_mismatched_labels=config.data.get(
-            "resize_mismatched_labels", False))
+            "resize_mismatched_labels", False),
+        # Train splits only: the originals' image lists (CRST: 505 images).
+        list_file=(domain_cfg.get("list_file", "") or None)
+        if split == "train" else None)
 
   data = {}
   if method.uses_source_images:

@@ -38,6 +38,8 @@ class Cityscapes(common.PairedFiles):
 
   layout = LAYOUT
   num_ids = tables.CITYSCAPES_NUM_LABEL_IDS
+  # List files may name '<stem>_leftImg8bit.png' (`image_lists.list_stem`).
+  stem_suffixes = (IMAGE_SUFFIX[:-len('.png')],)
 
   def __init__(self, root, split='train', num_classes=19,
                resize_mismatched_labels=False):

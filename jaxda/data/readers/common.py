@@ -306,6 +306,12 @@ class LazyArray:
           'labels of one size)')
     return value
 
+  def take_rows(self, rows):
+    """A view of the given rows (int array), decoding nothing (integer-array
+    indexing, `view[rows]`, decodes them)."""
+    return LazyArray(self.source, self.field, self.size,
+                     self.rows[np.asarray(rows, np.int64)])
+
   @property
   def native(self):
     """The same rows at the files' own resolution (labels: full-res eval)."""
