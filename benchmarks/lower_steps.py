@@ -44,10 +44,13 @@ NUM_CLASSES = {"segmentation": 19, "depth": 19, "normals": 19,
                "classification": 10}
 # Config module and variant of a method that has no config file of its own.
 CONFIG_OF = {"minent": ("advent", "minent"), "gam_cls": ("gam", "digits"),
-             "anchor_normals": ("anchor", "normals")}
+             "anchor_normals": ("anchor", "normals"),
+             "mic": ("daformer", "mic")}
 # State creation hook per method (default: the loop's create_state).
 _STATE_HOOKS = {"gam": "jaxda.methods.gam.driver",
-                "gam_cls": "jaxda.methods.gam.driver"}
+                "gam_cls": "jaxda.methods.gam.driver",
+                "daformer": "jaxda.methods.daformer.ema_driver",
+                "mic": "jaxda.methods.daformer.ema_driver"}
 
 
 def load_config(name: str, tiny: bool, height: int, width: int):

@@ -54,7 +54,7 @@ def validate(config):
 
 def test_readme_lists_every_entry_point():
   for name in ("source_only", "oracle", "adaptsegnet", "advent", "cbst",
-               "crst", "tpld", "gam", "anchor", "dann", "tada"):
+               "crst", "tpld", "gam", "anchor", "dann", "tada", "daformer"):
     assert name in README_VARIANTS, name
     assert "tiny" in README_VARIANTS[name], name
 
