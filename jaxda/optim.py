@@ -61,6 +61,15 @@ def poly_schedule(base_lr: float, schedule_steps: int,
       transition_steps=max(int(schedule_steps), 1))
 
 
+def staircase(schedule: optax.Schedule, every: int,
+              factor: float) -> optax.Schedule:
+  """``schedule(count) * factor ** (count // every)``; ``every = 0`` or
+  ``factor = 1``: ``schedule`` itself."""
+  if not every or factor == 1.0:
+    return schedule
+  return lambda count: schedule(count) * factor ** (count // every)
+
+
 def inv_schedule(base_lr: float, schedule_steps: int, alpha: float = 10.0,
                  beta: float = 0.75) -> optax.Schedule:
   """DANN's annealing ``base_lr / (1 + alpha * p) ** beta``, p = step / steps.
@@ -89,6 +98,8 @@ def make_segmenter_tx(
     frozen_regexes: Sequence[str] = (),
     optimizer: str = "sgd",
     schedule_offset: int = 0,
+    decay_every: int = 0,
+    decay_factor: float = 1.0,
 ) -> tuple[optax.GradientTransformation, Any]:
   """The segmentation network's optimiser.
 
@@ -108,12 +119,17 @@ def make_segmenter_tx(
     schedule_offset: the schedule is read at ``count + schedule_offset``: a
       fresh optimiser (new state, count 0) that continues another one's LR
       schedule, e.g. the second phase of a two-phase run.
+    decay_every: with ``decay_factor``, the LR is also multiplied by
+      ``decay_factor ** (count // decay_every)`` (CBST's MXNet code: ÷√2
+      per self-training round); 0 disables.
+    decay_factor: the staircase factor.
 
   Returns:
     ``(tx, labels_fn)``; ``labels_fn(params)`` gives the partition labels, so
     tests can check that every parameter was labelled.
   """
-  schedule = poly_schedule(learning_rate, schedule_steps, power)
+  schedule = staircase(poly_schedule(learning_rate, schedule_steps, power),
+                       decay_every, decay_factor)
   if schedule_offset:
     base_schedule = schedule
     schedule = lambda count: base_schedule(count + schedule_offset)

@@ -426,6 +426,8 @@ def test_paper_presets_set_crsts_recipe_and_defaults_change_nothing():
     ("mine_chance", 1.5, "mine_chance"),
     ("spatial_prior", "/no/such/prior.npy", "spatial_prior"),
     ("target_loss", "bogus", "target_loss"),
+    ("round_lr_decay", 0.0, "round_lr_decay"),
+    ("round_lr_decay", 1.5, "round_lr_decay"),
 ])
 def test_bad_recipe_values_are_one_line_errors(field, value, message):
   c = crst_cfg.get_config("tiny")

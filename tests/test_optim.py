@@ -86,3 +86,25 @@ def test_poly_schedule_values():
   np.testing.assert_allclose(float(sched(0)), 2.5e-4, rtol=1e-6)
   np.testing.assert_allclose(float(sched(150_000)) / 2.5e-4, 0.4 ** 0.9,
                              rtol=1e-4)
+
+
+def test_staircase_decay_multiplies_the_lr_per_period():
+  base = optim.poly_schedule(1.0, 100, power=0.9)
+  sched = optim.staircase(base, every=3, factor=0.5)
+  for count in range(10):
+    want = (1 - count / 100) ** 0.9 * 0.5 ** (count // 3)
+    np.testing.assert_allclose(float(sched(count)), want, rtol=1e-6)
+  assert optim.staircase(base, 0, 0.5) is base
+  assert optim.staircase(base, 3, 1.0) is base
+  # Through the optimiser: plain SGD, constant LR, unit gradients.
+  tx, _ = optim.make_segmenter_tx(
+      learning_rate=0.1, schedule_steps=100, momentum=0.0, weight_decay=0.0,
+      power=0.0, decay_every=2, decay_factor=0.5)
+  params = {"w": jnp.zeros(())}
+  opt_state = tx.init(params)
+  got = []
+  for _ in range(5):
+    updates, opt_state = tx.update({"w": jnp.ones(())}, opt_state, params)
+    got.append(float(updates["w"]))
+  np.testing.assert_allclose(got, [-0.1, -0.1, -0.05, -0.05, -0.025],
+                             rtol=1e-6)

@@ -138,6 +138,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.schedule_steps = -1  # poly length; -1 = num_steps
   c.optim.head_lr_mult = 10.0  # ASPP heads' LR multiplier
   c.optim.frozen_regexes = ()  # extra param-path regexes never updated
+  c.optim.decay_every = 0  # LR x decay_factor every this many steps; 0 = off
+  c.optim.decay_factor = 1.0  # that staircase factor
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lambda_seg_aux = 0.1  # weight of the aux-head CE

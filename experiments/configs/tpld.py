@@ -88,6 +88,7 @@ def self_training_config() -> ml_collections.ConfigDict:
   st.source_portion_step = 0.0  # its increase per round (CRST 0.0025)
   st.source_portion_max = 1.0  # its cap (CRST 0.06)
   st.source_sampling = "redraw"  # new subset a round (CRST) | 'cumulative'
+  st.round_lr_decay = 1.0  # LR x this at each new round (CBST MXNet: 0.7071)
   st.score_scales = (1.0,)  # pseudo-label scoring input scales (CRST 0.9)
   st.score_flip = False  # scoring also averages the mirrored input (CRST)
   st.mine_chance = 0.0  # P(target crop centred on a mined class) (CRST 0.8)

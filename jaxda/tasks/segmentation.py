@@ -100,7 +100,9 @@ def build(config, method, data) -> dict[str, Any]:
       head_regexes=(models_lib.head_param_regex,),
       head_lr_mult=config.optim.head_lr_mult,
       frozen_regexes=models_lib.segmenter_frozen_regexes(config),
-      optimizer=config.optim.optimizer)
+      optimizer=config.optim.optimizer,
+      decay_every=int(config.optim.get("decay_every", 0)) // accum,
+      decay_factor=float(config.optim.get("decay_factor", 1.0)))
   return {"models": forward.Models(segmenter, disc),
           "tx": optim.accumulate(tx, accum), "labels_fn": labels_fn,
           "disc_tx": disc_tx}

@@ -66,6 +66,9 @@ def problems(config) -> list[str]:
     out.append("self_training.source_portion / source_portion_max must be"
                " in (0, 1] with max >= source_portion, source_portion_step"
                f" >= 0; got {init}, {top}, {step}")
+  decay = float(_get(st, "round_lr_decay", 1.0))
+  if not 0 < decay <= 1:
+    out.append(f"self_training.round_lr_decay must be in (0, 1], got {decay}")
   policy = _get(st, "source_sampling", "redraw")
   if policy not in recipe_math.SOURCE_POLICIES:
     out.append(f"self_training.source_sampling must be one of"

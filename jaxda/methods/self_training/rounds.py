@@ -458,6 +458,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config, workdir, lambda m: print(m, flush=True),
       source_only.SOURCE_ONLY, base_steps=st.base_steps,
       base_learning_rate=st.base_learning_rate)
+  if float(st.get("round_lr_decay", 1.0)) != 1.0:
+    # CBST's MXNet recipe: the LR ÷√2 at each new round (after the base
+    # model is made, which keeps its own schedule).
+    config.optim.decay_every = steps_per_round
+    config.optim.decay_factor = float(st.round_lr_decay)
   run = train_loop.setup(config, workdir, method)
   try:
     train_loop.write_config(run)
