@@ -89,7 +89,8 @@ class Method:
 
 
 def segmentation_loss(logits: dict[str, jax.Array], labels: jax.Array, *,
-                      lambda_aux: float, weights: jax.Array | None = None):
+                      lambda_aux: float, weights: jax.Array | None = None,
+                      prefix: str = "ce"):
   """``CE(main) + lambda_aux * CE(aux)`` on upsampled logits (ignore 255).
 
   Returns:
@@ -100,7 +101,7 @@ def segmentation_loss(logits: dict[str, jax.Array], labels: jax.Array, *,
   for level, logit in logits.items():
     ce = losses.softmax_cross_entropy(logits=logit, labels=labels,
                                       weights=weights)
-    metrics[f"ce_{level}"] = ce
+    metrics[f"{prefix}_{level}"] = ce
     total = total + (1.0 if level == "main" else lambda_aux) * ce
   return total, metrics
 

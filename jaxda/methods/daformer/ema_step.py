@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxda import losses
 from jaxda.data import pipeline
 from jaxda.methods import base
 from jaxda.methods.daformer import feature_distance
@@ -90,13 +89,8 @@ def weighted_ce(logits: dict[str, jax.Array], labels, weights, *,
   (``losses.softmax_cross_entropy``); mmseg divides by all pixels, which
   differs only where labels are ignored.
   """
-  total, metrics = 0.0, {}
-  for level, logit in logits.items():
-    ce = losses.softmax_cross_entropy(logits=logit, labels=labels,
-                                      weights=weights)
-    metrics[f"{prefix}_{level}"] = ce
-    total = total + (1.0 if level == "main" else lambda_aux) * ce
-  return total, metrics
+  return base.segmentation_loss(logits, labels, lambda_aux=lambda_aux,
+                               weights=weights, prefix=prefix)
 
 
 def normalization_stats(mode: str) -> tuple[tuple[float, ...],
