@@ -113,6 +113,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # adversarial term for the features; the global D still trains, a probe)
   c.tada.lambda_global = 1.0
   c.tada.global_attention = True  # m = 1 + H(d̂) on L_h; False: m = 1
+  # Region Ds' gradient x this (their loss is a mean over K regions, so
+  # each gets 1/K); the reversed gradient into the features is unchanged
+  c.tada.local_disc_grad_scale = 1.0
 
   c.eval = ml_collections.ConfigDict()
   # Evaluation batch (rounded to the devices); 0 = auto: on GPU/TPU the

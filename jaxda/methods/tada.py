@@ -28,6 +28,9 @@ reversed gradient into the network (0: the features get nothing from L_g,
 while the global discriminator keeps training on them as a probe, so
 ``disc_acc`` still says how separable the bottleneck features are);
 ``tada.global_attention`` False makes m = 1 (plain entropy).
+``tada.local_disc_grad_scale`` s multiplies the region discriminators'
+gradient (the mean over K regions gives each 1/K of it) without changing
+the reversed gradient into the features (their GRL runs at coeff / s).
 
 Logged per step: ``disc_acc`` (global D, source + target),
 ``local_disc_acc`` (mean over the K region discriminators and the source +
@@ -92,6 +95,9 @@ def make_step(models: classification.ClassificationModels, config, tx,
   local = uses_local(config)
   lambda_global = float(t.get("lambda_global", 1.0))
   use_global_attention = bool(t.get("global_attention", True))
+  # Region Ds learn from s·L_l through a GRL of coeff / s: the features get
+  # the same reversed gradient, each region D s times its 1/K share.
+  local_scale = float(t.get("local_disc_grad_scale", 1.0))
   coefficient = dann.coefficient_fn(config)
 
   def step(state, batch, rng):
@@ -110,7 +116,7 @@ def make_step(models: classification.ClassificationModels, config, tx,
       l_local = 0.0
       if local:
         fmap, region_logits, w = attend(
-            models, disc_params["local"], fmap, coeff=coeff,
+            models, disc_params["local"], fmap, coeff=coeff / local_scale,
             form=t.local_attention_form,
             stop_gradient=t.stop_gradient_attention)
         # Mean over n images and K regions = (1 / (K n)) Σ_k Σ_i (Eq. 2).
@@ -134,7 +140,8 @@ def make_step(models: classification.ClassificationModels, config, tx,
       l_ent = attention.attentive_entropy(out["logits"], m)
       ce = classification.cross_entropy(out["logits"][:n_s], src["label"])
       total = (ce + t.gamma_entropy * l_ent
-               + lambda_adv * (l_global + t.lambda_local * l_local))
+               + lambda_adv * (l_global
+                               + t.lambda_local * local_scale * l_local))
       metrics.update(
           ce=ce, domain_loss=l_global, entropy_loss=l_ent,
           global_attention=jnp.mean(m),
@@ -190,6 +197,8 @@ def config_problems(config) -> list[str]:
   if config.tada.local_attention_form not in attention.LOCAL_ATTENTION_FORMS:
     problems.append("config.tada.local_attention_form must be one of"
                     f" {attention.LOCAL_ATTENTION_FORMS}")
+  if float(config.tada.get("local_disc_grad_scale", 1.0)) <= 0.0:
+    problems.append("config.tada.local_disc_grad_scale must be > 0")
   if float(config.tada.get("lambda_global", 1.0)) < 0.0:
     problems.append("config.tada.lambda_global must be >= 0, got"
                     f" {config.tada.lambda_global}")
