@@ -7,8 +7,8 @@ Each (method, [shift,] seed) run goes to ``OUT/<method>[_<shift>]_seed<seed>``
 (finished runs are reused, interrupted ones resume) with a
 ``provenance.json`` (commit, dirty tree, date, machine). The table goes to
 stdout and to ``OUT/table.json`` + ``OUT/table.md`` (per method and shift:
-mean ± std over seeds, the gain over source-only of the same shift and
-seed; per run: value, wall time, commit, config diff against the method's
+mean ± std over seeds, the gain over the ``--baseline`` (default: the
+first method) of the same shift and seed; per run: value, wall time, commit, config diff against the method's
 default). ``OUT/.gitignore`` keeps only those result files, so
 ``results/<benchmark>/`` can be committed as it is
 (``experiments/results_files.py``). ``--shifts=default,weather`` runs each
@@ -38,6 +38,9 @@ _OUT = flags.DEFINE_string("out", "runs/compare", "Output directory.")
 _SHIFTS = flags.DEFINE_list(
     "shifts", [], "Target shifts (config.target.shift) to run each method on;"
     " empty: the configs' own.")
+_BASELINE = flags.DEFINE_string(
+    "baseline", "", "Label (method spec) the gains are measured against;"
+    " empty: the first of --methods.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "key=value applied to every config (dotted keys).")
 
@@ -129,7 +132,8 @@ def _main(argv):
   shifts = _SHIFTS.value or [None]
   rows = [_run_one(spec, seed, shift) for shift in shifts
           for spec in _METHODS.value for seed in _SEEDS.value]
-  table = results_files.write_table(_OUT.value, rows, _BASE_CONFIG)
+  baseline = _BASELINE.value or _METHODS.value[0].replace(":", "-")
+  table = results_files.write_table(_OUT.value, rows, baseline)
   print("\n" + results_files.markdown(table))
 
 

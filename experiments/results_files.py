@@ -118,7 +118,11 @@ def aggregate(rows: list[dict[str, Any]], baseline: str
 def markdown(table: dict[str, Any]) -> str:
   """The table as Markdown: one row per (method, shift)."""
   p = table["provenance"]
-  lines = [f"Commit `{(p['commit'] or 'unknown')[:10]}`"
+  commits = sorted({(r.get("commit") or "unknown")[:10]
+                    + (" (dirty)" if r.get("dirty") else "")
+                    for r in table["rows"]})
+  lines = [f"Runs at commit(s) {', '.join(f'`{c}`' for c in commits)};"
+           f" table written at `{(p['commit'] or 'unknown')[:10]}`"
            f"{' (dirty tree)' if p['dirty'] else ''}, {p['date']},"
            f" {p['machine']['cpu']} ({p['machine']['cores']} cores,"
            f" {p['machine']['device']}).", "",
