@@ -54,7 +54,21 @@ def test_gitignore_keeps_only_result_files(tmp_path):
           "source_only_seed0/provenance.json"))
 
 
-def test_compare_run_writes_table_and_provenance(tmp_path, shared_data_cache):
+def _fake_train(config, workdir):
+  """A run's summary without training (the CLI tests train for real)."""
+  os.makedirs(workdir)
+  summary = {"method": config.method, "wall_time_s": 1.5,
+             "target": {"miou": 0.25 + 0.01 * config.seed},
+             "config": config.to_dict()}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  return summary
+
+
+def test_compare_run_writes_table_and_provenance(tmp_path, shared_data_cache,
+                                                 monkeypatch):
+  from jaxda import methods  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(methods, "train_and_evaluate", _fake_train)
   out = str(tmp_path / "bench")
   argv = ["compare", "--methods=source_only:tiny", "--seeds=0",
           "--shifts=weather", f"--out={out}",
@@ -71,6 +85,7 @@ def test_compare_run_writes_table_and_provenance(tmp_path, shared_data_cache):
     assert row["config_diff"]["target.shift"] == "weather"
     assert row["commit"] == table["provenance"]["commit"]
     assert row["workdir"] == "source_only-tiny_weather_seed0"
+    assert row["value"] == 0.25 and row["wall_time_s"] >= 0
     with open(os.path.join(out, row["workdir"], "summary.json")) as f:
       assert json.load(f)["target"]["miou"] == row["value"]
     md = open(os.path.join(out, "table.md")).read()

@@ -427,6 +427,8 @@ def test_paper_presets_set_crsts_recipe_and_defaults_change_nothing():
     ("spatial_prior", "/no/such/prior.npy", "spatial_prior"),
     ("target_loss", "bogus", "target_loss"),
     ("round_lr_decay", 0.0, "round_lr_decay"),
+    ("bootstrap_apply_to", "some", "bootstrap_apply_to"),
+    ("confidence_count", "mean", "confidence_count"),
     ("round_lr_decay", 1.5, "round_lr_decay"),
 ])
 def test_bad_recipe_values_are_one_line_errors(field, value, message):
@@ -538,3 +540,24 @@ def test_list_file_reaches_the_train_split_only(tmp_path):
   assert _ids(data["source_train"]) == ["00002", "00003"]
   assert _ids(data["target_train"]) == [stems[1]]
   assert len(data["target_val"].images) == 3  # val: every image
+
+
+def test_bootstrap_apply_to_reaches_the_loss():
+  """The §7.1 open choice is passed through the step's target term."""
+  from jaxda import losses  # pylint: disable=g-import-not-at-top
+  from jaxda.methods.self_training import steps  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 5, 3)), jnp.float32)
+  labels = rng.integers(0, 3, (2, 4, 5)).astype(np.int32)
+  labels[:, :2] = 255  # unlabelled pixels: where the two choices differ
+  lam = jnp.asarray([0.5, 0.6, 0.7], jnp.float32)
+  got = {}
+  for apply_to in ("labeled", "all"):
+    got[apply_to] = float(steps._target_term(  # pylint: disable=protected-access
+        logits, jnp.asarray(labels), lam, None, kind="bootstrap", beta=0.9,
+        stop_gradient_prediction=True, apply_to=apply_to))
+    want = float(losses.tpld_bootstrap_loss(
+        logits=logits, labels=jnp.asarray(labels), thresholds=lam, beta=0.9,
+        apply_to=apply_to, stop_gradient_prediction=True))
+    assert got[apply_to] == pytest.approx(want, rel=1e-6)
+  assert got["labeled"] != pytest.approx(got["all"], rel=1e-3)

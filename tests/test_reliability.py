@@ -246,6 +246,11 @@ def _tpld_command(workdir, cache_dir):
           "--config.log_every=4", f"--workdir={workdir}"]
 
 
+# slow: three TPLD processes (reference with its base model, killed, resumed),
+# 2-2.5 min of one CI worker on 2 cores, the suite's longest test. CI keeps
+# the loop's SIGKILL / SIGTERM resume tests above; run this one with
+# `-m slow` before a release or after touching the round driver.
+@pytest.mark.slow
 def test_sigkill_across_a_tpld_round_boundary_resumes_exactly(
     tmp_path, cache_dir):
   ref = str(tmp_path / "tpld_ref")

@@ -70,6 +70,13 @@ def self_training_config() -> ml_collections.ConfigDict:
   st.lrent_alpha = 0.25  # CRST-LRENT soft-label α (target_loss='lrent')
   st.beta = 0.95  # bootstrapping weight of the pseudo label (UNVERIFIED)
   st.stop_gradient_prediction = True  # (1-β)·p/λ treated as a fixed target
+  # §7.1 open choice: bootstrap term on 'labeled' pixels, or 'all' (the
+  # unlabelled ones keep their (1-β) prediction term)
+  st.bootstrap_apply_to = "labeled"
+  # §7.3 open choices of the image confidence: N* from the 'argmax' pixels
+  # above λ, or the CBST 'pseudo' labels; p > λ (strict) or p >= λ
+  st.confidence_count = "argmax"
+  st.confidence_strict = True
   st.mrkld_weight = 0.0  # CRST-MRKLD coefficient (paper 0.1, code 0.01)
   st.source_weight = 1.0  # source CE weight in phase 1
   st.target_weight = 1.0  # pseudo-label term weight

@@ -66,6 +66,12 @@ def problems(config) -> list[str]:
     out.append("self_training.source_portion / source_portion_max must be"
                " in (0, 1] with max >= source_portion, source_portion_step"
                f" >= 0; got {init}, {top}, {step}")
+  if _get(st, "bootstrap_apply_to", "labeled") not in ("labeled", "all"):
+    out.append("self_training.bootstrap_apply_to must be 'labeled' or 'all',"
+               f" got {st.bootstrap_apply_to!r}")
+  if _get(st, "confidence_count", "argmax") not in ("argmax", "pseudo"):
+    out.append("self_training.confidence_count must be 'argmax' or 'pseudo',"
+               f" got {st.confidence_count!r}")
   decay = float(_get(st, "round_lr_decay", 1.0))
   if not 0 < decay <= 1:
     out.append(f"self_training.round_lr_decay must be in (0, 1], got {decay}")

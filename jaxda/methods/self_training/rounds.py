@@ -239,7 +239,9 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
     before.append(rows(cbst)[keep])
     after.append(rows(dense)[keep])
     if phase == 2:
-      conf.append(rows(image_confidence(probs, lam))[keep])
+      conf.append(rows(image_confidence(
+          probs, lam, count_source=st.get("confidence_count", "argmax"),
+          strict=st.get("confidence_strict", True)))[keep])
       labels, weights = easy_image_labels(probs, lam, gamma=st.gamma)
       full.append(rows(labels)[keep])
       full_w.append(rows(weights)[keep])

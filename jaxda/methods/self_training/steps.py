@@ -35,7 +35,7 @@ from jaxda.types import IGNORE_LABEL
 
 
 def _target_term(logits, labels, thresholds, weights, *, kind, beta,
-                 stop_gradient_prediction, soft=None):
+                 stop_gradient_prediction, apply_to="labeled", soft=None):
   """Target loss on pseudo labels for one output level."""
   if kind == "lrent":
     # CRST-LRENT: -sum_k soft_k log p_k, mean over the kept pixels.
@@ -48,6 +48,7 @@ def _target_term(logits, labels, thresholds, weights, *, kind, beta,
   if kind == "bootstrap":
     return losses.tpld_bootstrap_loss(
         logits=logits, labels=labels, thresholds=thresholds, beta=beta,
+        apply_to=apply_to,
         stop_gradient_prediction=stop_gradient_prediction, weights=weights)
   raise ValueError(f"unknown target loss {kind!r}; use 'ce', 'lrent' or"
                    " 'bootstrap'")
@@ -95,6 +96,7 @@ def _self_training_loss(models, config, params, batch_stats, src, tgt, *,
     term = _target_term(
         logit, labels, thresholds, tgt["pl_weight"], kind=kind, beta=st.beta,
         stop_gradient_prediction=st.stop_gradient_prediction,
+        apply_to=st.get("bootstrap_apply_to", "labeled"),
         soft=tgt.get("pl_soft"))
     metrics[f"{prefix}_{level}"] = term
     total = total + st.target_weight * w * term
