@@ -105,6 +105,11 @@ _FIRST = ("test_reliability.py::test_sigkill_across_a_tpld_round_boundary",
           "tiny_steps")
 
 
+# tryfirst: xdist's worker hook turns the xdist_group markers into node-id
+# suffixes (what loadgroup schedules by); it is registered after this
+# conftest, so without tryfirst it runs first and sees no marker, and each
+# group's module fixture is built once per worker.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   del config
   def group_of(item):
