@@ -194,14 +194,23 @@ def create_state(run: Run) -> state_lib.TrainState:
   return parallel.init_replicated(init, run.mesh)
 
 
-def init_or_restore(run: Run) -> tuple[state_lib.TrainState, int]:
+def init_or_restore(run: Run, *, create: Callable[[Run], Any] | None = None,
+                    on_warm_start: Callable[[Any], Any] | None = None
+                    ) -> tuple[state_lib.TrainState, int]:
   """Resume order: this workdir's checkpoint → ``init_checkpoint`` →
   ``init_weights`` → scratch.
+
+  Args:
+    run: the run.
+    create: ``run -> state`` of a fresh state (default ``create_state``; a
+      driver with a larger state passes its own).
+    on_warm_start: ``state -> state`` applied after loading another run's or
+      imported weights (e.g. copying the student into an EMA teacher).
 
   Returns:
     ``(state, start_step)``.
   """
-  state = create_state(run)
+  state = (create or create_state)(run)
   if run.checkpointer.latest_step() is not None:
     state, step = run.checkpointer.restore(state)
     run.log(f"Resuming from checkpoint step {step} in"
@@ -209,13 +218,14 @@ def init_or_restore(run: Run) -> tuple[state_lib.TrainState, int]:
     return state, step
   init_path = run.config.model.init_checkpoint
   if init_path:
-    warm = init_weights.load_segmenter_weights(run, state, init_path)
+    state = init_weights.load_segmenter_weights(run, state, init_path)
     run.log(f"Initialised the segmenter from {init_path}")
-    return warm, 0
-  if run.config.model.get("init_weights"):
-    return init_weights.load_init_weights(run, state,
-                                          run.config.model.init_weights), 0
-  return state, 0
+  elif run.config.model.get("init_weights"):
+    state = init_weights.load_init_weights(run, state,
+                                           run.config.model.init_weights)
+  else:
+    return state, 0
+  return (on_warm_start(state) if on_warm_start else state), 0
 
 
 # --------------------------------------------------------------------------

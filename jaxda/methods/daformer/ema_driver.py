@@ -236,23 +236,11 @@ def init_or_restore(run: train_loop.Run) -> tuple[TeacherTrainState, int]:
   """The loop's resume order (checkpoint, ``init_checkpoint``,
   ``init_weights``, scratch); a warm start restarts the teacher (and the
   frozen encoder) from the loaded student."""
-  state = create_state(run)
-  if run.checkpointer.latest_step() is not None:
-    state, step = run.checkpointer.restore(state)
-    run.log(f"Resuming from checkpoint step {step} in"
-            f" {run.checkpointer.directory}")
-    return state, step
-  model = run.config.model
-  if model.init_checkpoint:
-    state = train_loop.load_segmenter_weights(run, state,
-                                              model.init_checkpoint)
-    run.log(f"Initialised the segmenter from {model.init_checkpoint}")
-  elif model.get("init_weights"):
-    state = train_loop.load_init_weights(run, state, model.init_weights)
-  else:
-    return state, 0
-  teacher, frozen = _copies(state, run.config)
-  return state.replace(teacher=teacher, frozen=frozen), 0
+  def restart_teacher(state):
+    teacher, frozen = _copies(state, run.config)
+    return state.replace(teacher=teacher, frozen=frozen)
+  return train_loop.init_or_restore(run, create=create_state,
+                                    on_warm_start=restart_teacher)
 
 
 # --------------------------------------------------------------------------
