@@ -27,8 +27,28 @@ import os
 import sys
 from typing import Any
 
-import tensorboardX
 import tqdm
+
+
+def _import_tensorboardx():
+  """``tensorboardX`` without its optional ``import torch`` (~1 s).
+
+  tensorboardX imports torch when it is installed, only to accept torch
+  tensors; jaxda passes NumPy values. A process that already has torch (a
+  weight import) keeps it; otherwise torch is hidden for this one import.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None  # `import torch` raises ImportError meanwhile.
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
 
 METRICS_FILENAME = 'metrics.jsonl'
 HPARAMS_FILENAME = 'hparams.json'

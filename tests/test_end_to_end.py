@@ -9,6 +9,7 @@ to check the exit code and that no traceback reaches stderr.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +56,26 @@ def cache_dir(shared_data_cache):
   return shared_data_cache
 
 
+@pytest.fixture(scope="module")
+def source_only_run(tmp_path_factory, cache_dir):
+  """One finished tiny source-only run (4 steps, checkpoints at 2 and 4).
+
+  Shared by the tests that start from such a run (resume, a NaN after it,
+  a donor of weights); a test that changes the run works on a copy
+  (`_copy_of`).
+  """
+  workdir = tmp_path_factory.mktemp("source_only_run") / "run"
+  proc = _run("source_only", _TINY, f"--workdir={workdir}",
+              cache_dir=cache_dir)
+  return workdir, proc
+
+
+def _copy_of(run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(run, workdir)
+  return workdir
+
+
 def _check_summary(workdir, method, steps):
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
@@ -75,11 +96,15 @@ def _check_summary(workdir, method, steps):
 @pytest.mark.parametrize("module,method,resume", [
     ("source_only", "source_only", True), ("oracle", "oracle", False),
     ("adaptsegnet", "adaptsegnet", True), ("advent", "advent", False)])
-def test_entry_point_runs_and_resumes(tmp_path, cache_dir, module, method,
-                                      resume):
-  workdir = str(tmp_path / "run")
+def test_entry_point_runs_and_resumes(request, tmp_path, cache_dir, module,
+                                      method, resume):
   config = f"--config=experiments/configs/{module}.py:tiny"
-  proc = _run(module, config, f"--workdir={workdir}", cache_dir=cache_dir)
+  if module == "source_only":  # The module's shared run is this first run.
+    run, proc = request.getfixturevalue("source_only_run")
+    workdir = str(_copy_of(run, tmp_path))
+  else:
+    workdir = str(tmp_path / "run")
+    proc = _run(module, config, f"--workdir={workdir}", cache_dir=cache_dir)
   assert "target mIoU" in proc.stdout
   _check_summary(workdir, method, 4)
   if not resume:
@@ -147,10 +172,10 @@ def test_missing_data_dir_is_one_line_error(tmp_path, cache_dir):
   assert "Traceback" not in proc.stderr
 
 
-def test_nan_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
-  workdir = tmp_path / "nan"
+def test_nan_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir,
+                                                  source_only_run):
+  workdir = _copy_of(source_only_run[0], tmp_path)
   config = "--config=experiments/configs/source_only.py:tiny"
-  _run("source_only", config, f"--workdir={workdir}", cache_dir=cache_dir)
   before = sorted(os.listdir(workdir / "checkpoints"))
   proc = _run("source_only", config, f"--workdir={workdir}",
               "--config.num_steps=8", "--config.optim.learning_rate=1e30",
@@ -220,10 +245,9 @@ def test_missing_init_checkpoint_is_one_line_error(tmp_path, cache_dir):
   _assert_one_line_error(proc, "no_such_run", "does not exist")
 
 
-def test_weights_of_another_architecture_are_one_line_error(tmp_path,
-                                                            cache_dir):
-  donor = tmp_path / "donor"
-  _run("source_only", _TINY, f"--workdir={donor}", cache_dir=cache_dir)
+def test_weights_of_another_architecture_are_one_line_error(
+    tmp_path, cache_dir, source_only_run):
+  donor = source_only_run[0]
   before = sorted(os.listdir(donor / "checkpoints"))
   proc = _run("source_only", _TINY, f"--workdir={tmp_path / 'w2'}",
               f"--config.model.init_checkpoint={donor}",

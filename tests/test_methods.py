@@ -35,15 +35,19 @@ def _setup(config):
       frozen_regexes=(models.batchnorm_param_regex,))
   disc_tx = optim.make_discriminator_tx(learning_rate=1e-3,
                                         schedule_steps=10) if disc else None
-  variables = seg.init(jax.random.key(0), jnp.zeros((1, H, W, 3)))
-  disc_params = {}
-  if disc:
-    for i, level in enumerate(base.output_levels(config)):
-      disc_params[level] = disc.init(
-          jax.random.key(i + 1), jnp.zeros((1, H, W, NUM_CLASSES)))["params"]
-  state = state_lib.TrainState.create(
-      params=variables["params"], batch_stats=variables["batch_stats"],
-      tx=tx, disc_params=disc_params, disc_tx=disc_tx)
+  def init():
+    variables = seg.init(jax.random.key(0), jnp.zeros((1, H, W, 3)))
+    disc_params = {}
+    if disc:
+      for i, level in enumerate(base.output_levels(config)):
+        disc_params[level] = disc.init(
+            jax.random.key(i + 1), jnp.zeros((1, H, W, NUM_CLASSES)))["params"]
+    return state_lib.TrainState.create(
+        params=variables["params"], batch_stats=variables["batch_stats"],
+        tx=tx, disc_params=disc_params, disc_tx=disc_tx)
+
+  # One compiled program instead of ~300 eager ones (each a small compile).
+  state = jax.jit(init)()
   step = method.make_step(base.Models(seg, disc), config, tx, disc_tx)
   return state, step
 
