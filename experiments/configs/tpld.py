@@ -20,7 +20,10 @@ paper's 6 + 3 rounds, voting x3, MRKLD 0.1, phase 2 as Eq. 8: no source
 term, no labels on hard images), ``code`` (CRST's released code: MRKLD
 applied twice, effective 0.01), ``cbst`` and ``crst`` (the bases: no
 voting, no phase 2; CBST with plain CE, CRST with MRKLD; with ``paper`` 3
-rounds as CRST's NUM_ROUNDS = 4), ``synthia``.
+rounds as CRST's NUM_ROUNDS = 4), ``synthia``, ``adapted_base`` (the rounds
+start from an AdaptSegNet model trained with the base recipe, not a
+source-only one: later self-training papers' practice; the base run goes to
+``workdir/base_adaptsegnet``).
 
 ``paper`` rounds are 505 steps: 2 epochs over CRST's 505-image target list
 (ClsConfSet) at batch 2; with ``model.init_checkpoint`` unset the source
@@ -85,7 +88,10 @@ def self_training_config() -> ml_collections.ConfigDict:
   st.lambda_adv = 0.001  # phase-2 hard→easy adversarial weight
   st.phase2_hard_labels = "voted"  # hard images' labels: 'voted' | 'none' 
   st.phase2_source_weight = 1.0  # source CE in phase 2 (Eq. 8 has none: 0)
-  st.base_steps = 1200  # source-only steps when no init_checkpoint is given
+  # The model the rounds start from when no init_checkpoint is given:
+  # 'source_only' (the papers) or 'adaptsegnet' (variant adapted_base)
+  st.base_method = "source_only"
+  st.base_steps = 1200  # base-model steps when no init_checkpoint is given
   st.base_learning_rate = 0.02  # LR of that source-only base run
   st.report_precision = True  # pseudo-label precision vs target GT (report)
   st.num_pictures = 4  # images in the per-round pseudo-label picture
@@ -198,6 +204,13 @@ def _synthia(c):
     c.self_training.source_portion = 0.02
 
 
+def _adapted_base(c):
+  c.self_training.base_method = "adaptsegnet"
+
+
+_ADAPTED_BASE = common.Variant(
+    _adapted_base, "rounds start from an AdaptSegNet base model (later"
+    " self-training papers' practice) instead of source-only")
 _PAPER = common.Variant(
     _paper, "CRST recipe: R101, GTA5 1052x1914 / Cityscapes 1024x2048,"
     " scale 0.5-1.5, 512x1024 crops, batch 2, lr 5e-5", common.PROTOCOL)
@@ -211,11 +224,14 @@ VARIANTS = {
     "crst": common.Variant(_crst, "CRST-MRKLD base: no voting, no phase 2",
                            common.METHOD, conflicts=("cbst",)),
     "synthia": common.Variant(_synthia, common.SYNTHIA.doc),
+    "adapted_base": _ADAPTED_BASE,
 }
 # The CBST / CRST entry points: their method fixed, the rest as here.
-CBST_VARIANTS = {"tiny": _TINY, "paper": _PAPER, "vgg": common.VGG}
+CBST_VARIANTS = {"tiny": _TINY, "paper": _PAPER, "vgg": common.VGG,
+                 "adapted_base": _ADAPTED_BASE}
 CRST_VARIANTS = {
     "tiny": _TINY, "paper": _PAPER, "code": _CODE,
+    "adapted_base": _ADAPTED_BASE,
     "lrent": common.Variant(_lrent, "CRST-LRENT: soft pseudo labels, α 0.25,"
                             " no MRKLD", common.METHOD, conflicts=("code",)),
 }

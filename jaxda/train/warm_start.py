@@ -23,10 +23,11 @@ def ensure_base_model(config, workdir: str, log, base_method, *,
   Args:
     config: the method's config; the base run is a copy with method
       ``base_method.name``.
-    workdir: the base run goes to ``workdir/base_source_only`` (reused when
-      finished, resumed when interrupted).
+    workdir: the base run goes to ``workdir/base_<method name>`` (reused
+      when finished, resumed when interrupted).
     log: ``log(message)``.
-    base_method: the ``Method`` the base run trains (source-only).
+    base_method: the ``Method`` the base run trains (source-only; TPLD may
+      use AdaptSegNet, ``self_training.base_method``).
     base_steps: steps of the base run; default
       ``config.self_training.base_steps``.
     base_learning_rate: its LR; default
@@ -41,7 +42,7 @@ def ensure_base_model(config, workdir: str, log, base_method, *,
     base_steps = config.self_training.base_steps
   if base_learning_rate is None:
     base_learning_rate = config.self_training.base_learning_rate
-  base_dir = os.path.join(workdir, "base_source_only")
+  base_dir = os.path.join(workdir, f"base_{base_method.name}")
   if os.path.exists(os.path.join(base_dir, "summary.json")):
     log(f"Base model: reusing {base_dir}")
     return base_dir
@@ -53,7 +54,7 @@ def ensure_base_model(config, workdir: str, log, base_method, *,
   base.optim.learning_rate = base_learning_rate
   base.optim.power = 0.9
   base.optim.schedule_steps = -1
-  log(f"Base model: no model.init_checkpoint given, training source-only for"
-      f" {base_steps} steps in {base_dir}")
+  log(f"Base model: no model.init_checkpoint given, training"
+      f" {base_method.name} for {base_steps} steps in {base_dir}")
   loop.train_and_evaluate(base, base_dir, base_method)
   return base_dir

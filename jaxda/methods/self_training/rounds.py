@@ -39,7 +39,8 @@ images, scoring at ``score_scales`` x ``score_flip``, rare-class mining of
 the target crops, CBST-SP spatial priors and CRST-LRENT soft labels.
 
 With no ``model.init_checkpoint`` the driver first trains (or reuses) a
-source-only base model in ``workdir/base_source_only``. ``num_steps`` must
+base model (``self_training.base_method``: source-only as in the papers, or
+AdaptSegNet) in ``workdir/base_<method>``. ``num_steps`` must
 give every round at least one step (``num_steps = 0`` is a ``ConfigError``:
 a round without steps would relabel with an unchanged model).
 """
@@ -60,10 +61,10 @@ from jaxda import parallel
 from jaxda import visualize
 from jaxda.data import pipeline
 from jaxda.methods import base
-from jaxda.methods import source_only
 from jaxda.methods.self_training.densify import densify
 from jaxda.methods.self_training import progress
 from jaxda.methods.self_training import recipe
+from jaxda.methods.self_training import warm_base
 from jaxda.methods.self_training.easy_hard import (
     easy_hard_split, easy_image_labels, image_confidence, label_density,
     label_precision)
@@ -73,7 +74,6 @@ from jaxda.methods.self_training.thresholds import (
 from jaxda.tasks import evaluation
 from jaxda.tasks import splits
 from jaxda.train import loop as train_loop
-from jaxda.train import warm_start
 from jaxda.train.exceptions import ConfigError
 from jaxda.types import IGNORE_LABEL
 
@@ -456,10 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   r1, r2, steps_per_round = rounds_and_steps(config, method)
   os.makedirs(workdir, exist_ok=True)
   st = config.self_training
-  config.model.init_checkpoint = warm_start.ensure_base_model(
-      config, workdir, lambda m: print(m, flush=True),
-      source_only.SOURCE_ONLY, base_steps=st.base_steps,
-      base_learning_rate=st.base_learning_rate)
+  config.model.init_checkpoint = warm_base.ensure_base(
+      config, workdir, lambda m: print(m, flush=True))
   if float(st.get("round_lr_decay", 1.0)) != 1.0:
     # CBST's MXNet recipe: the LR ÷√2 at each new round (after the base
     # model is made, which keeps its own schedule).
