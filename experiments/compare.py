@@ -89,12 +89,17 @@ def _run_one(spec: str, seed: str, shift: str | None):
     _apply_override(config, item)
   label = spec.replace(":", "-")
   where = f"_{shift}" if shift is not None else ""
-  base_dir = os.path.join(_OUT.value, f"{_BASE_CONFIG}{where}_seed{seed}")
+  # Self-training may start from another base (self_training.base_method:
+  # 'adaptsegnet' under the adapted_base variant); GAM from source-only.
+  base_name = (config.self_training.get("base_method", _BASE_CONFIG)
+               if "self_training" in config else _BASE_CONFIG)
+  base_dir = os.path.join(_OUT.value, f"{base_name}{where}_seed{seed}")
   if (methods.get_method(config.method).warm_starts_from_source_only
       and not config.model.init_checkpoint
-      and _BASE_CONFIG in _METHODS.value):
-    # It starts from the source-only run of the same seed (the same
-    # recipe its driver would otherwise train itself).
+      and base_name in _METHODS.value):
+    # It starts from the base method's run of the same seed (its default
+    # config is the recipe the driver would otherwise train itself: 1200
+    # steps, lr 0.02 poly, for source-only and AdaptSegNet alike).
     config.model.init_checkpoint = base_dir
   workdir = os.path.join(_OUT.value, f"{label}{where}_seed{seed}")
   summary_path = os.path.join(workdir, "summary.json")
