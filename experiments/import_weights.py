@@ -8,7 +8,10 @@ deeplabv2_r50, deeplabv2_tiny, resnet101, resnet50, resnet_tiny, vgg16,
 deeplabv2_vgg16, fc_discriminator) or of
 `jaxda.weights.torchvision_import.ARCHS` (torchvision_resnet50: torchvision's
 ImageNet ResNet-50 with `--drop=fc`, for the classifiers'
-`config.model.init_weights`). FILE is a PyTorch state dict
+`config.model.init_weights`) or `mit` (SegFormer's ImageNet MiT-B0..B5
+encoder, the original `mit_b5.pth` or a transformers SegFormer state dict;
+its ImageNet `head` is dropped; for DAFormer / MIC with
+`--config.daformer.network=mit_b5 --config.model.init_weights=DIR`). FILE is a PyTorch state dict
 (`torch.load` with `weights_only=True`; needs the `torch` extra) or an `.npz`
 of named arrays.
 DIR gets an Orbax checkpoint in a run's layout (`DIR/checkpoints/0`) and

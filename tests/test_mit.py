@@ -212,3 +212,54 @@ def test_daformer_segmenter_shapes_and_variants():
   # from its geometry (32/64/160/256 channels, 2 blocks per stage).
   assert n(enc('mit_b0')) == 3_319_392
   assert abs(n(enc('mit_b5')) / 1e6 - 81.44) < 0.01
+
+
+def test_import_weights_cli_writes_mit_for_daformer_init_weights(tmp_path):
+  """`python -m experiments.import_weights --arch=mit` on an mmseg-layout
+  file: the checkpoint holds the encoder, which `model.init_weights`
+  overlays onto a DAFormer net (heads keep their init)."""
+  torch = pytest.importorskip('torch')
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import child_env  # pylint: disable=g-import-not-at-top
+  from jaxda import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from jaxda.weights import torch_import  # pylint: disable=g-import-not-at-top
+  from jaxda.weights import torchvision_import  # pylint: disable=g-import-not-at-top
+  model = mit.DAFormer(num_classes=5, variant='mit_tiny', embed_dim=16)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(5)
+  # Random values (shapes only traced: nothing compiles).
+  variables = jax.tree.map(
+      lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  encoder = variables['params']['encoder']
+  sd = mit_import.export_mmseg(encoder)
+  sd['head.weight'] = np.zeros((10, 64), np.float32)  # ImageNet classifier
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()},
+             tmp_path / 'mit_tiny.pth')
+  out = tmp_path / 'converted'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.import_weights',
+       f'--torch={tmp_path / "mit_tiny.pth"}', '--arch=mit', f'--out={out}'],
+      cwd=root, env=child_env.child_env(), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  saved = checkpoint_lib.load_weights(str(out))
+  assert set(saved['params']) == {'encoder'} and not saved['batch_stats']
+  jax.tree.map(np.testing.assert_array_equal, saved['params']['encoder'],
+               encoder)
+  # As config.model.init_weights: the encoder from the file, the head kept.
+  target = jax.tree.map(jnp.zeros_like, variables['params'])
+  params, kept = torch_import.overlay(target, saved['params'], 'params',
+                                      str(out))
+  jax.tree.map(np.testing.assert_array_equal, params['encoder'], encoder)
+  assert kept and all(k.startswith('head/') for k in kept)
+  assert not np.any(np.asarray(params['head']['cls']['kernel']))
+  # A DeepLab file under --arch=mit: one line naming the problem.
+  np.savez(tmp_path / 'deeplab.npz', **{'layer1.0.conv1.weight': np.zeros(
+      (8, 8, 1, 1), np.float32)})
+  with pytest.raises(torchvision_import.WeightImportError,
+                     match='not a MiT encoder'):
+    torchvision_import.convert_file(str(tmp_path / 'deeplab.npz'), 'mit')

@@ -15,9 +15,9 @@ refused in one line.
 
 ``paper`` targets GTA5 -> Cityscapes 68.3 mIoU (DAFormer, MiT-B5);
 ``paper,mic`` 70.6 (MIC on DAFormer; MIC(HRDA) 75.9 needs HRDA). Both start
-from the ImageNet MiT-B5 weights: ``python -m experiments.import_weights``
-cannot write them yet; ``jaxda.weights.mit_import`` converts the PyTorch
-file into parameters for ``--config.model.init_weights``.
+from the ImageNet MiT-B5 weights: ``python -m experiments.import_weights
+--torch=mit_b5.pth --arch=mit --out=DIR`` (the original file or a
+transformers SegFormer state dict), then ``--config.model.init_weights=DIR``.
 
 The CPU default trains the tiny DeepLab-v2 (the papers' DeepLab-v2 runs use
 the same recipe) from scratch on the embedded benchmark: MiT-B0 is about 14x

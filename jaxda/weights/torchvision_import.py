@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxda.models import torchvision_resnet
+from jaxda.weights import mit_import
 from jaxda.weights import torch_import
 
 WeightImportError = torch_import.WeightImportError
@@ -41,7 +42,12 @@ WeightImportError = torch_import.WeightImportError
 # weights of another width are refused with the tensor names.
 ARCHS = {'torchvision_resnet50': ((3, 4, 6, 3), 64),
          'torchvision_resnet_tiny': ((1, 1, 1, 1), 8)}
-ALL_ARCHS = (*torch_import.ARCHS, *ARCHS)
+# SegFormer's ImageNet MiT encoder (any of B0..B5 and the tiny test size:
+# the geometry is read from the file), for DAFormer / MIC's
+# `config.model.init_weights`; it lands under the DAFormer net's `encoder`.
+MIT_ARCH = 'mit'
+MIT_MODULE = 'encoder'
+ALL_ARCHS = (*torch_import.ARCHS, *ARCHS, MIT_ARCH)
 
 # Path of the classifier's backbone in `jaxda.models.ImageClassifier`.
 FEATURE_EXTRACTOR = 'feature_extractor'
@@ -170,6 +176,17 @@ def convert_file(path: str, arch: str, drop_prefixes: Sequence[str] = ()
   """
   state_dict = torch_import.load_torch_file(path)
   try:
+    if arch == MIT_ARCH:
+      try:
+        encoder = mit_import.import_mit(
+            state_dict, drop_prefixes=('head.', 'decode_head.', 'classifier.',
+                                       *drop_prefixes))
+      except mit_import.MiTImportError as e:
+        raise WeightImportError(
+            f'not a MiT encoder in the mmseg or transformers layout: {e}'
+        ) from None
+      return ({'params': {MIT_MODULE: encoder}, 'batch_stats': {}},
+              len(state_dict))
     if arch in ARCHS:
       return convert_torchvision(state_dict, arch,
                                  drop_prefixes=drop_prefixes), len(state_dict)
