@@ -33,7 +33,8 @@ EXTRAS_REQUIRE = {
     # pytest < 9: pytest-xdist 3.8's loadgroup renames items through
     # `item._nodeid`, which pytest 9 no longer reads (nodeid comes from
     # `_id`), so xdist groups split and module fixtures run once per worker.
-    "test": ["pytest>=8,<9", "pytest-xdist>=3.5", "filelock>=3", "transformers>=5"],
+    "test": ["pytest>=8,<9", "pytest-xdist>=3.5", "filelock>=3", "transformers>=5",
+             "hypothesis>=6.100"],
     "tf": ["tensorflow-cpu>=2.16"],
     "torch": ["torch==2.13.0"],
 }
