@@ -13,7 +13,8 @@ default). ``OUT/.gitignore`` keeps only those result files, so
 ``results/<benchmark>/`` can be committed as it is
 (``experiments/results_files.py``). ``--shifts=default,weather`` runs each
 method on those target shifts. Extra ``--override key=value`` pairs apply to
-every run (e.g. ``--override num_steps=600``). Runs are compared by target
+every run (e.g. ``--override num_steps=600``); ``--only_finished`` tables
+the finished runs and trains nothing. Runs are compared by target
 mIoU (segmentation), accuracy (classification) or depth δ<1.25 (anchor
 tasks).
 """
@@ -32,7 +33,8 @@ from experiments import results_files
 
 _METHODS = flags.DEFINE_list(
     "methods", ["source_only", "adaptsegnet", "advent", "oracle"],
-    "Config names under experiments/configs (optionally name:variant).")
+    "Config names under experiments/configs (optionally name:variant;"
+    " several variants joined by '+', e.g. tpld:tiny+adapted_base).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _OUT = flags.DEFINE_string("out", "runs/compare", "Output directory.")
 _SHIFTS = flags.DEFINE_list(
@@ -41,6 +43,10 @@ _SHIFTS = flags.DEFINE_list(
 _BASELINE = flags.DEFINE_string(
     "baseline", "", "Label (method spec) the gains are measured against;"
     " empty: the first of --methods.")
+_ONLY_FINISHED = flags.DEFINE_bool(
+    "only_finished", False, "Table the finished runs only (train nothing);"
+    " the missing ones are listed. For re-writing a table after runs made by"
+    " several invocations.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "key=value applied to every config (dotted keys).")
 
@@ -61,6 +67,7 @@ def _load_config(spec: str):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from experiments import main  # pylint: disable=g-import-not-at-top
   name, _, variant = spec.partition(":")
+  variant = variant.replace("+", ",")  # --methods is itself comma-separated
   module = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
       f"{name}_config", main.config_path(name))
   return name, module.get_config(variant)
@@ -78,7 +85,8 @@ def _apply_override(config, item: str) -> None:
 
 
 def _run_one(spec: str, seed: str, shift: str | None):
-  """Trains (or reuses) one run; returns its table row."""
+  """Trains (or reuses) one run; returns its table row (None: not run and
+  ``--only_finished``)."""
   from jaxda import methods  # pylint: disable=g-import-not-at-top
   name, config = _load_config(spec)
   _, default = _load_config(name)
@@ -107,6 +115,8 @@ def _run_one(spec: str, seed: str, shift: str | None):
   if os.path.exists(summary_path):
     with open(summary_path) as f:
       summary = json.load(f)
+  elif _ONLY_FINISHED.value:
+    return None
   else:
     t0 = time.time()
     summary = methods.train_and_evaluate(config, workdir)
@@ -135,8 +145,15 @@ def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   shifts = _SHIFTS.value or [None]
-  rows = [_run_one(spec, seed, shift) for shift in shifts
+  runs = [(spec, seed, shift) for shift in shifts
           for spec in _METHODS.value for seed in _SEEDS.value]
+  rows = [_run_one(*run) for run in runs]
+  missing = [run for run, row in zip(runs, rows) if row is None]
+  if missing:
+    print("not run (--only_finished): " + ", ".join(
+        f"{spec} seed {seed}" + (f" on {shift}" if shift else "")
+        for spec, seed, shift in missing))
+  rows = [row for row in rows if row is not None]
   baseline = _BASELINE.value or _METHODS.value[0].replace(":", "-")
   table = results_files.write_table(_OUT.value, rows, baseline)
   print("\n" + results_files.markdown(table))

@@ -96,3 +96,49 @@ def test_compare_run_writes_table_and_provenance(tmp_path, shared_data_cache,
       assert json.load(f)["rows"] == table["rows"]
   finally:
     flags.FLAGS.unparse_flags()
+
+
+def test_only_finished_trains_nothing_and_adapted_base_starts_from_adaptsegnet(
+    tmp_path, shared_data_cache, monkeypatch):
+  from jaxda import methods  # pylint: disable=g-import-not-at-top
+  trained = []
+
+  def fake(config, workdir):
+    trained.append((config.method, config.model.init_checkpoint))
+    return _fake_train(config, workdir)
+
+  monkeypatch.setattr(methods, "train_and_evaluate", fake)
+  out = str(tmp_path / "bench")
+  common = [f"--out={out}", f"--override=source.data_dir={shared_data_cache}",
+            f"--override=target.data_dir={shared_data_cache}"]
+  argv = ["compare", "--methods=adaptsegnet:tiny,tpld:tiny+adapted_base",
+          "--seeds=0", *common]
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(argv)
+  try:
+    compare._main(argv)
+    # The base is the method spec's config name, so only "adaptsegnet"
+    # (not "adaptsegnet:tiny") in --methods makes the link; here it is absent.
+    assert trained == [("adaptsegnet", ""), ("tpld", "")]
+    trained.clear()
+    argv = ["compare", "--methods=adaptsegnet,tpld:adapted_base",
+            "--seeds=0", "--override=num_steps=2", *common]
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    compare._main(argv)
+    assert trained == [("adaptsegnet", ""),
+                       ("tpld", os.path.join(out, "adaptsegnet_seed0"))]
+    # --only_finished: seed 1 was never run, so nothing trains and the
+    # table keeps the finished seed only.
+    trained.clear()
+    argv += ["--seeds=0,1", "--only_finished"]
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    compare._main(argv)
+    assert not trained
+    with open(os.path.join(out, "table.json")) as f:
+      rows = json.load(f)["rows"]
+    assert sorted((r["label"], r["seed"]) for r in rows) == [
+        ("adaptsegnet", 0), ("tpld-adapted_base", 0)]
+  finally:
+    flags.FLAGS.unparse_flags()
