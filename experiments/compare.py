@@ -118,12 +118,15 @@ def _run_one(spec: str, seed: str, shift: str | None):
   elif _ONLY_FINISHED.value:
     return None
   else:
+    # The code state when the run starts (a commit made while it trains
+    # is not the code it ran).
+    started = results_files.provenance()
     t0 = time.time()
     summary = methods.train_and_evaluate(config, workdir)
     # The whole run's time (a driver's base model and rounds included).
     with open(provenance_path, "w") as f:
-      json.dump({**results_files.provenance(),
-                 "wall_time_s": round(time.time() - t0, 2)}, f, indent=2)
+      json.dump({**started, "wall_time_s": round(time.time() - t0, 2)}, f,
+                indent=2)
   provenance = {}
   if os.path.exists(provenance_path):
     with open(provenance_path) as f:
