@@ -59,6 +59,9 @@ def test_digits_presets():
   code = gam_configs.get_config('digits,code').gam
   assert (code.gaussian_matching, code.drift_weight, code.drift_reduction) == (
       False, 1.0, 'mean_per_variable')
+  bench = gam_configs.get_config('digits,code,bench')
+  assert (bench.gam.base_steps, bench.num_steps) == (1500, 1500)
+  assert bench.gam.drift_weight == 1.0 and bench.batch_size == 128
   with pytest.raises(ValueError, match='unknown gam digits variant'):
     gam_configs.get_config('digits,nope')
 
