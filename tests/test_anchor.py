@@ -462,3 +462,26 @@ def test_default_headfreeze_phase1_is_the_mtl_run():
   assert headfreeze.phase1_schedule_steps(both) == both.num_steps
   both.optim.schedule_steps = 77
   assert headfreeze.phase1_schedule_steps(both) == 77
+
+
+def test_seed_schedule_and_unfrozen_control():
+  """The seed's HeadFreeze: Eq. 4 (source only) then Eq. 6 with the late
+  layers frozen; ``unfrozen`` is the same schedule with nothing frozen."""
+  seed = anchor_cfg.get_config("seed_schedule")
+  n1 = headfreeze.phase1_steps(seed)
+  assert (n1, seed.num_steps - n1) == (1000, 500)
+  assert anchor.task_weights(seed, 1) == {
+      "source_main": 1.0, "source_anchor": 1.0, "target_anchor": 0.0}
+  assert anchor.task_weights(seed, 2) == {
+      "source_main": 1.0, "source_anchor": 1.0, "target_anchor": 1.0}
+  assert not anchor.uses_target(seed, 1) and anchor.uses_target(seed, 2)
+  assert headfreeze.phase1_schedule_steps(seed) == n1
+  late = tuple(anchor_cfg.get_config().anchor.late_regexes)
+  assert headfreeze.phase2_frozen(seed) == late
+  control = anchor_cfg.get_config("seed_schedule,unfrozen")
+  assert headfreeze.phase2_frozen(control) == ()
+  assert control.num_steps == seed.num_steps
+  # The default keeps jaxda's schedule (phase 1 = MTL-a).
+  assert anchor.task_weights(anchor_cfg.get_config(), 1)["target_anchor"] == 1
+  with pytest.raises(ValueError, match="seed_schedule"):
+    anchor_cfg.get_config("seed_schedule,mtl_a")

@@ -6,13 +6,21 @@ both domains.
 
 Run:
   python -m experiments.anchor --config=experiments/configs/anchor.py
-The default is MTL-a + HeadFreeze. Variants (comma-separated):
+The default is MTL-a + HeadFreeze (phase 1 already MTL-a: jaxda's
+schedule, kept as the default; ``seed_schedule`` is the seed's). Variants (comma-separated):
   ``mtl_src``   main + anchor on the source only
   ``mtl_smta``  main on the source, anchor on the target only
   ``mtl_a``     main + anchor on the source, anchor on the target
   ``freeze``    the 1000-step MTL run, then 200 HeadFreeze steps (decoder +
                 heads frozen, fresh poly schedule from 1e-4)
   ``no_freeze`` one phase of ``num_steps`` (the plain MTL variant)
+  ``seed_schedule`` HeadFreeze as the seed describes it: phase 1 = Eq. 4
+                (source main + anchor, no target) for 1000 steps, phase 2 =
+                Eq. 6 (+ target anchor) for 500 steps on a fresh poly
+                schedule from 1e-3 with decoder + heads frozen (not with
+                ``mtl_*``, which set both phases' weights)
+  ``unfrozen``  phase 2 trains every layer: the compute-matched control of
+                ``freeze`` / ``seed_schedule``
   ``adversarial`` + output-space discriminator on the main output
   ``normals``   surface normals as the main task (the paper's), cosine loss;
                 summary ``target``: ``mean_angle_error``,
@@ -76,6 +84,25 @@ def _freeze(c):
   c.anchor.phase2_learning_rate = _PHASE2_LR
 
 
+# The seed's schedule: phase 2 must learn the target anchor through the
+# early layers alone, so it is longer and starts at the base LR.
+_SEED_PHASE2_STEPS = 500
+_SEED_PHASE2_LR = 1e-3
+
+
+def _seed_schedule(c):
+  c.anchor.name = "seed_schedule"
+  c.num_steps = _PHASE1_STEPS + _SEED_PHASE2_STEPS
+  c.anchor.weights = _weights(1.0, 1.0, 0.0)  # Eq. 4: source only
+  c.anchor.phase2_weights = _weights(1.0, 1.0, 1.0)  # Eq. 6
+  c.anchor.phase2_steps = _SEED_PHASE2_STEPS
+  c.anchor.phase2_learning_rate = _SEED_PHASE2_LR
+
+
+def _unfrozen(c):
+  c.anchor.phase2_freeze = False
+
+
 def _no_freeze(c):
   c.num_steps = _PHASE1_STEPS
   c.anchor.phase2_steps = 0
@@ -101,6 +128,11 @@ def _tiny(c):
 
 
 def get_config(variant: str = ""):
+  tokens = {t.strip() for t in (variant or "").split(",")}
+  clash = sorted(tokens & {"mtl_src", "mtl_smta", "mtl_a", "no_freeze"})
+  if "seed_schedule" in tokens and clash:
+    raise ValueError(f"config variant 'seed_schedule' sets both phases'"
+                     f" weights and steps; drop {clash[0]!r}")
   c = common.get_base_config()
   c.method = "anchor"
   c.task = "depth"  # depth main task + segmentation anchor (jaxda.tasks.depth)
@@ -116,6 +148,7 @@ def get_config(variant: str = ""):
   c.anchor.phase2_weights = _weights(1.0, 1.0, 1.0)  # HeadFreeze phase 2
   c.anchor.phase2_steps = _PHASE2_STEPS  # HeadFreeze steps (last); 0 = off
   c.anchor.late_regexes = (r"^decoder/", r"^head_")  # frozen in phase 2
+  c.anchor.phase2_freeze = True  # False: phase 2 trains all (the control)
   c.anchor.phase2_learning_rate = _PHASE2_LR  # <0: continue global schedule
   c.anchor.phase2_carry_moments = False  # keep early layers' Adam moments
   c.anchor.lambda_adv = 0.0  # output-space adversarial weight; 0 = off
@@ -125,4 +158,5 @@ def get_config(variant: str = ""):
   return common.apply_variant(c, variant, {
       "mtl_src": _mtl_src, "mtl_smta": _mtl_smta, "mtl_a": _mtl_a,
       "freeze": _freeze, "no_freeze": _no_freeze,
-      "adversarial": _adversarial, "normals": _normals, "tiny": _tiny})
+      "adversarial": _adversarial, "normals": _normals, "tiny": _tiny,
+      "seed_schedule": _seed_schedule, "unfrozen": _unfrozen})

@@ -38,7 +38,8 @@ class Task:
     summary_target: ``result -> dict``, the ``target`` entry of
       ``summary.json``.
     report: ``result -> (table, headline)`` for the closing printout.
-    headline: ``target -> (metric_name, value)``, what runs are compared by.
+    headline: ``target -> (metric_name, value)``, what runs are compared by
+      (a fraction in [0, 1], higher is better: tables print it as %).
   """
   name: str
   config_problems: Callable[..., list[str]]

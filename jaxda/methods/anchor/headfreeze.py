@@ -108,6 +108,14 @@ def phase1_schedule_steps(config) -> int:
   return n1 if n1 < config.num_steps and fresh_phase2 else int(config.num_steps)
 
 
+def phase2_frozen(config) -> tuple[str, ...]:
+  """The regexes phase 2 freezes: ``anchor.late_regexes``, or none when
+  ``anchor.phase2_freeze`` is False (the compute-matched control)."""
+  if not config.anchor.get("phase2_freeze", True):
+    return ()
+  return tuple(config.anchor.late_regexes)
+
+
 def config_problems(config) -> list[str]:
   """The anchor method's invalid values, one line each."""
   problems = []
@@ -145,7 +153,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   tx, labels_fn = depth_task.make_tx(
       config, frozen, schedule_steps=phase1_schedule_steps(config))
   run = dataclasses.replace(run, tx=tx, labels_fn=labels_fn)
-  late = tuple(config.anchor.late_regexes)
+  late = phase2_frozen(config)
   tx2 = labels_fn2 = None
   if n1 < config.num_steps:
     lr2 = float(config.anchor.phase2_learning_rate)
@@ -329,8 +337,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     n_params = sum(np.size(x) for x in jax.tree.leaves(state.params))
     run.log(
         f"anchor ({config.anchor.name}): {n1} phase-1 steps"
-        + (f" + {total - n1} HeadFreeze steps (frozen: "
-           f"{', '.join(arun.late_regexes)})" if arun.two_phase else "")
+        + (f" + {total - n1} phase-2 steps (frozen: "
+           f"{', '.join(arun.late_regexes) or 'nothing, the control'})"
+           if arun.two_phase else "")
         + f", batch {config.batch_size} on {run.mesh.devices.size}"
         f" device(s), {n_params / 1e6:.2f}M parameters; workdir"
         f" {os.path.abspath(workdir)}")
@@ -352,11 +361,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         start = n1
       state = train_loop.run_steps(run, state, _compile(arun, 2),
                                    train_batches(arun, start, 2), start,
-                                   total, desc="phase 2 (HeadFreeze)")
+                                   total, desc="phase 2 (HeadFreeze)" if arun.late_regexes
+                                   else "phase 2 (nothing frozen)")
     result = train_loop.evaluate_target(run, state, total)
     extra: dict[str, Any] = {
-        "variant": config.anchor.name + ("+headfreeze" if arun.two_phase
-                                         else ""),
+        "variant": config.anchor.name + (
+            ("+headfreeze" if arun.late_regexes else "+phase2_unfrozen")
+            if arun.two_phase else ""),
+        "phase2_frozen": list(arun.late_regexes) if arun.two_phase else [],
         "phase1_steps": int(n1)}
     if "phase1" in phases:
       p1 = phases["phase1"]
