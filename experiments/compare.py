@@ -55,12 +55,22 @@ _OVERRIDES = flags.DEFINE_multi_string(
 _BASE_CONFIG = "source_only"
 
 
-def headline(target: dict, method: str) -> tuple[str, float]:
-  """The metric a run is compared by: its task's headline (mIoU, accuracy
-  or depth δ<1.25)."""
+def _task(method: str):
   from jaxda import methods  # pylint: disable=g-import-not-at-top
   from jaxda import tasks  # pylint: disable=g-import-not-at-top
-  return tasks.get_task(methods.get_method(method).task).headline(target)
+  return tasks.get_task(methods.get_method(method).task)
+
+
+def headline(target: dict, method: str) -> tuple[str, float]:
+  """The metric a run is compared by: its task's headline (mIoU, accuracy,
+  depth δ<1.25 or normals within 22.5°)."""
+  return _task(method).headline(target)
+
+
+def table_metrics(target: dict, method: str) -> dict[str, float]:
+  """The task's further table columns (angles, abs-rel; {} for none)."""
+  fn = _task(method).table_metrics
+  return fn(target) if fn is not None else {}
 
 
 def _load_config(spec: str):
@@ -135,6 +145,7 @@ def _run_one(spec: str, seed: str, shift: str | None):
   return {"label": label, "method": summary["method"], "seed": int(seed),
           "shift": shift or config.target.get("shift", "default"),
           "metric": metric, "value": value,
+          "extra": table_metrics(summary["target"], summary["method"]),
           "wall_time_s": provenance.get("wall_time_s",
                                         summary["wall_time_s"]),
           "commit": provenance.get("commit"),

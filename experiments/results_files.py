@@ -102,6 +102,8 @@ def aggregate(rows: list[dict[str, Any]], baseline: str
         "label": r["label"], "shift": r["shift"], "metric": r["metric"],
         "values": [], "seeds": [], "wall_time_s": [], "gains": []})
     e["values"].append(100 * r["value"])
+    for k, v in r.get("extra", {}).items():
+      e.setdefault("extra_values", {}).setdefault(k, []).append(v)
     e["seeds"].append(r["seed"])
     e["wall_time_s"].append(r["wall_time_s"])
     base = by_key.get((baseline, r["shift"], r["seed"]))
@@ -112,12 +114,18 @@ def aggregate(rows: list[dict[str, Any]], baseline: str
     e["mean"] = statistics.mean(v)
     e["std"] = statistics.stdev(v) if len(v) > 1 else 0.0
     e["gain"] = statistics.mean(e["gains"]) if e["gains"] else None
+    e["extra"] = {k: [statistics.mean(x),
+                      statistics.stdev(x) if len(x) > 1 else 0.0]
+                  for k, x in e.pop("extra_values", {}).items()}
   return out
 
 
 def markdown(table: dict[str, Any]) -> str:
   """The table as Markdown: one row per (method, shift)."""
   p = table["provenance"]
+  # The tasks' further columns (angles, abs-rel), in first-seen order.
+  extra = list(dict.fromkeys(
+      k for e in table["aggregate"].values() for k in e.get("extra", {})))
   commits = sorted({(r.get("commit") or "unknown")[:10]
                     + (" (dirty)" if r.get("dirty") else "")
                     for r in table["rows"]})
@@ -128,12 +136,17 @@ def markdown(table: dict[str, Any]) -> str:
            f" {p['machine']['device']}).", "",
            f"| method | shift | metric | mean ± std (%) | gain over"
            f" {table['baseline']}"
-           " | seeds | wall s (mean) |", "|---|---|---|---|---|---|---|"]
+           + "".join(f" | {k}" for k in extra)
+           + " | seeds | wall s (mean) |",
+           "|---|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
   for e in table["aggregate"].values():
     gain = "—" if e["gain"] is None else f"{e['gain']:+.2f}"
+    cells = "".join(
+        f" {e['extra'][k][0]:.2f} ± {e['extra'][k][1]:.2f} |"
+        if k in e.get("extra", {}) else " — |" for k in extra)
     lines.append(
         f"| {e['label']} | {e['shift']} | {e['metric']} |"
-        f" {e['mean']:.2f} ± {e['std']:.2f} | {gain} |"
+        f" {e['mean']:.2f} ± {e['std']:.2f} | {gain} |{cells}"
         f" {','.join(map(str, e['seeds']))} |"
         f" {statistics.mean(e['wall_time_s']):.0f} |")
   return "\n".join(lines) + "\n"

@@ -33,6 +33,31 @@ def test_aggregate_mean_std_and_gain_over_source_only():
   assert agg["source_only|s"]["gain"] is None
 
 
+def test_extra_columns_mean_std_in_display_units():
+  rows = [{"label": l, "shift": "s", "seed": seed, "metric": "within_22_5",
+           "value": v, "wall_time_s": 2.0, "extra": {"mean angle (deg)": a}}
+          for l, seed, v, a in [("mtl_src", 0, 0.5, 30.0),
+                                ("mtl_src", 1, 0.6, 20.0),
+                                ("mtl_a", 0, 0.8, 10.0)]]
+  table = {"provenance": {"commit": "abc", "dirty": False, "date": "d",
+                          "machine": {"cpu": "c", "cores": 2,
+                                      "device": "cpu"}},
+           "rows": rows, "baseline": "mtl_src",
+           "aggregate": results_files.aggregate(rows, "mtl_src")}
+  agg = table["aggregate"]
+  assert agg["mtl_src|s"]["extra"]["mean angle (deg)"] == pytest.approx(
+      [25.0, 50 ** 0.5])
+  md = results_files.markdown(table).splitlines()
+  assert md[2].endswith("| mean angle (deg) | seeds | wall s (mean) |")
+  assert "| 25.00 ± 7.07 |" in md[4] and "| 10.00 ± 0.00 |" in md[5]
+  assert md[3].count("---") == 8
+  # Rows without extras (segmentation, classification) keep 7 columns.
+  for r in rows:
+    del r["extra"]
+  table["aggregate"] = results_files.aggregate(rows, "mtl_src")
+  assert results_files.markdown(table).splitlines()[3].count("---") == 7
+
+
 def test_gitignore_keeps_only_result_files(tmp_path):
   out = tmp_path / "results" / "bench"
   run = out / "source_only_seed0"

@@ -408,6 +408,12 @@ def headline(target: dict[str, Any]) -> tuple[str, float]:
   return "depth_delta1", float(target["depth"]["delta1"])
 
 
+def table_metrics(target: dict[str, Any]) -> dict[str, float]:
+  """The comparison tables' depth columns and anchor mIoU (%)."""
+  return {"abs-rel": float(target["depth"]["abs_rel"]),
+          "anchor mIoU (%)": 100.0 * float(target["anchor"]["miou"])}
+
+
 def gains(result: dict[str, Any], phase1: dict[str, Any]) -> dict[str, float]:
   """HeadFreeze's change over its phase 1 (delta1 up, abs-rel down = better)."""
   return {"delta1": result["depth"]["delta1"] - phase1["depth"]["delta1"],
@@ -447,4 +453,4 @@ DEPTH = base.Task(
     name="depth", config_problems=config_problems, load_data=load_data,
     build=build, init_variables=init_variables, evaluate=evaluate,
     save_pictures=save_pictures, summary_target=summary_target,
-    report=report, headline=headline)
+    report=report, headline=headline, table_metrics=table_metrics)

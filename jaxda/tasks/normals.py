@@ -382,6 +382,15 @@ def headline(target: dict[str, Any]) -> tuple[str, float]:
   return "within_22_5", float(target["within_22_5"]) / 100.0
 
 
+def table_metrics(target: dict[str, Any]) -> dict[str, float]:
+  """The comparison tables' angular columns (degrees, %) and anchor mIoU."""
+  return {"mean angle (deg)": float(target["mean_angle_error"]),
+          "median angle (deg)": float(target["median_angle_error"]),
+          "< 11.25 (%)": float(target["within_11_25"]),
+          "< 30 (%)": float(target["within_30"]),
+          "anchor mIoU (%)": 100.0 * float(target["anchor"]["miou"])}
+
+
 def gains(result: dict[str, Any], phase1: dict[str, Any]) -> dict[str, float]:
   """HeadFreeze's change over its phase 1 (angles: negative = better)."""
   keys = ("mean_angle_error", "median_angle_error", *THRESHOLD_KEYS)
@@ -397,7 +406,7 @@ NORMALS = base.Task(
     name="normals", config_problems=config_problems, load_data=load_data,
     build=build, init_variables=init_variables, evaluate=evaluate,
     save_pictures=save_pictures, summary_target=summary_target,
-    report=report, headline=headline)
+    report=report, headline=headline, table_metrics=table_metrics)
 
 # What the anchor-task method needs of its main task.
 MAIN = depth.MainTask(head=NORMALS_HEAD, label_key="normals",

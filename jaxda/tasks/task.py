@@ -40,6 +40,8 @@ class Task:
     report: ``result -> (table, headline)`` for the closing printout.
     headline: ``target -> (metric_name, value)``, what runs are compared by
       (a fraction in [0, 1], higher is better: tables print it as %).
+    table_metrics: ``target -> {column: value}``, further columns of the
+      comparison tables in display units (degrees, %); None: none.
   """
   name: str
   config_problems: Callable[..., list[str]]
@@ -51,3 +53,4 @@ class Task:
   summary_target: Callable[[dict[str, Any]], dict[str, Any]]
   report: Callable[[dict[str, Any]], tuple[str, str]]
   headline: Callable[[dict[str, Any]], tuple[str, float]]
+  table_metrics: Callable[[dict[str, Any]], dict[str, float]] | None = None
