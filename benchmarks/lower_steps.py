@@ -13,11 +13,14 @@ default config (`experiments/configs/<name>.py`, `tiny` variant with
 parameters, no accelerator needed. Counts in the StableHLO text:
 `stablehlo.convolution`, `stablehlo.dot_general` and custom_call targets.
 
+Config variants that change the step's program (``VARIANT_STEPS``:
+DAFormer's and MIC's ``hrda``) are lowered too, as ``method:variant``.
+
 Writes DIR/lowering.json
-``{method[:phase]: {platform: {"ok", "error", "convolutions", "dots",
-"custom_calls"}}}`` and prints a table. Under conv_impl='auto' a cuda/tpu
-segmentation step should have convolutions and no Winograd/tap dot chains
-(`jaxda.models.kernels.platform`).
+``{method[:phase or variant]: {platform: {"ok", "error", "convolutions",
+"dots", "custom_calls"}}}`` and prints a table. Under conv_impl='auto' a
+cuda/tpu segmentation step should have convolutions and no Winograd/tap dot
+chains (`jaxda.models.kernels.platform`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ NUM_CLASSES = {"segmentation": 19, "depth": 19, "normals": 19,
 CONFIG_OF = {"minent": ("advent", "minent"), "gam_cls": ("gam", "digits"),
              "anchor_normals": ("anchor", "normals"),
              "mic": ("daformer", "mic")}
+# Variants lowered besides the default ("method:variant"): they build other
+# networks or passes (HRDA: context / detail passes, attention head).
+VARIANT_STEPS = {"daformer": ("hrda",), "mic": ("hrda",)}
 # State creation hook per method (default: the loop's create_state).
 _STATE_HOOKS = {"gam": "jaxda.methods.gam.driver",
                 "gam_cls": "jaxda.methods.gam.driver",
@@ -53,14 +59,22 @@ _STATE_HOOKS = {"gam": "jaxda.methods.gam.driver",
                 "mic": "jaxda.methods.daformer.ema_driver"}
 
 
-def load_config(name: str, tiny: bool, height: int, width: int):
-  """The method's default config at a small size (batch: one per device)."""
+def load_config(name: str, tiny: bool, height: int, width: int,
+                variant: str = ""):
+  """The method's default config at a small size (batch: one per device),
+  plus ``variant`` (one of ``VARIANT_STEPS[name]``)."""
   module, extra = CONFIG_OF.get(name, (name, ""))
-  variant = ",".join(v for v in ("tiny" if tiny else "paper", extra) if v)
+  variant = ",".join(v for v in ("tiny" if tiny else "paper", extra, variant)
+                     if v)
   config = importlib.import_module(
       f"experiments.configs.{module}").get_config(variant)
   config.data.height, config.data.width = height, width
   config.data.crop_height = config.data.crop_width = 0
+  if config.get("daformer", {}).get("hrda", False):  # paper: 512 px of 1024
+    for role in ("source", "target"):  # HRDA sizes its views from these
+      config[role].height = config[role].width = 0
+    config.daformer.hrda_detail_crop = (0.5, 0.5)
+    config.daformer.hrda_sliding_stride = (0.5, 0.5)
   config.num_devices = -1
   config.batch_size = jax.device_count()
   return config
@@ -151,14 +165,18 @@ def phases(method) -> dict[str, Any]:
 
 def lower_method(name: str, platforms, *, tiny: bool, height: int,
                  width: int, conv_impl: str | None = None,
-                 only_phase: str | None = None) -> dict[str, dict]:
-  """``{name[:phase]: {platform: result}}`` for one registry entry."""
+                 only_phase: str | None = None,
+                 variant: str = "") -> dict[str, dict]:
+  """``{name[:phase]: {platform: result}}`` for one registry entry; with
+  ``variant``, ``{name:variant: ...}`` of its first phase."""
   from jaxda import parallel  # pylint: disable=g-import-not-at-top
   from jaxda.methods import METHODS  # pylint: disable=g-import-not-at-top
   method = METHODS[name]
   out = {}
+  if variant:
+    only_phase = ""
   try:
-    config = load_config(name, tiny, height, width)
+    config = load_config(name, tiny, height, width, variant)
     if conv_impl is not None:
       config.model.conv_impl = conv_impl
     run = _fake_run(config, method)
@@ -168,13 +186,15 @@ def lower_method(name: str, platforms, *, tiny: bool, height: int,
   except Exception as e:  # pylint: disable=broad-except
     error = f"set-up: {type(e).__name__}: {e}".splitlines()[0]
     for phase in phases(method):
-      key = f"{name}:{phase}" if phase else name
+      if only_phase is not None and phase != only_phase:
+        continue
+      key = f"{name}:{phase or variant}" if phase or variant else name
       out[key] = {p: _failed(error) for p in platforms}
     return out
   for phase, make in phases(method).items():
     if only_phase is not None and phase != only_phase:
       continue
-    key = f"{name}:{phase}" if phase else name
+    key = f"{name}:{phase or variant}" if phase or variant else name
     out[key] = {}
     try:
       step = make(run.models, config, run.tx, run.disc_tx)
@@ -240,6 +260,10 @@ def main(argv=None) -> int:
     results.update(lower_method(name, platforms, tiny=args.tiny,
                                 height=height, width=width,
                                 conv_impl=args.conv_impl))
+    for variant in VARIANT_STEPS.get(name, ()):
+      results.update(lower_method(name, platforms, tiny=args.tiny,
+                                  height=height, width=width,
+                                  conv_impl=args.conv_impl, variant=variant))
     print(f"{name}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     # Rewritten after every method: a long paper-model sweep leaves what
     # it has done so far.

@@ -199,12 +199,12 @@ def test_config_errors_are_one_line():
   c = _config("tiny", hrda=True, network="bogus")
   c.source.height = 8
   problems = ema_driver._daformer_problems(c)
-  assert any("HRDA" in p for p in problems)
+  # 16x16 crops: HRDA's 8x8 detail crop is off DeepLab's 16-pixel grid.
+  assert any("hrda_detail_crop" in p for p in problems)
   assert any("network" in p for p in problems)
   assert any("one size" in p for p in problems)
   assert all("\n" not in p for p in problems)
-  with pytest.raises(ValueError, match="not wired yet"):
-    daformer_config.get_config("paper,hrda")
+  assert daformer_config.get_config("paper,hrda").daformer.hrda
   assert methods.get_method("daformer").driver is not None
   assert methods.get_method("mic").task == "segmentation"
   with pytest.raises(exceptions.ConfigError, match="network"):

@@ -316,11 +316,14 @@ class DAFormer(nn.Module):
   dropout: float = 0.1
   ln_eps: float = 1e-6
   scale_attention: bool = False
+  attention_dim: int = 0  # head_att channels; 0: embed_dim
+  attention_classes: int = 0  # head_att outputs; 0: num_classes (class-wise)
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train_bn: bool = False,
-               deterministic: bool = True) -> dict[str, jax.Array]:
+               deterministic: bool = True,
+               attention: bool = True) -> dict[str, jax.Array]:
     """Computes logits at output stride 4.
 
     Args:
@@ -329,6 +332,8 @@ class DAFormer(nn.Module):
         (`batch_stats` mutable).
       deterministic: False enables DropPath and Dropout2d (needs a
         'dropout' rng).
+      attention: with `scale_attention`, run `head_att` (HRDA's detail
+        passes skip it).
 
     Returns:
       {'main': (B, H/4, W/4, C) float32 logits, 'features': the last encoder
@@ -341,9 +346,10 @@ class DAFormer(nn.Module):
                                 self.dilations, self.dropout, dtype=self.dtype,
                                 name='head')(feats, train_bn, deterministic),
            'features': feats[-1].astype(jnp.float32)}
-    if self.scale_attention:
+    if self.scale_attention and attention:
       out['attention'] = DAFormerHead(
-          self.num_classes, self.embed_dim, 'conv1x1', self.dilations,
+          self.attention_classes or self.num_classes,
+          self.attention_dim or self.embed_dim, 'conv1x1', self.dilations,
           self.dropout, dtype=self.dtype, name='head_att')(
               feats, train_bn, deterministic)
     return out

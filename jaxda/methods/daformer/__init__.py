@@ -11,5 +11,9 @@ the registry:
 * `feature_distance`: thing-class ImageNet feature distance;
 * `masking`: MIC block masks;
 * `schedule`: warm-up + poly learning rate and the parameter-group AdamW;
-* `hrda_fusion`: HRDA scale-attention fusion of context and detail logits.
+* `hrda_fusion`: HRDA scale-attention fusion of context and detail logits,
+  the context / detail view geometry and the sliding detail windows.
+
+Beside them, not pure: `ema_step` (the DAFormer / MIC step), `hrda_step`
+(HRDA's student pass, network wrapper and config checks), `ema_driver`.
 """

@@ -7,6 +7,9 @@ what the method needs before the first step:
   DeepLab-v2 segmenter (``config.model.name``; the papers report it too);
   a MiT name (``mit_b0`` .. ``mit_b5``, ``mit_tiny``) builds the SegFormer
   MiT encoder with the DAFormer head (``jaxda.models.mit.DAFormer``).
+  ``config.daformer.hrda`` wraps either in ``jaxda.models.hrda.HRDA``
+  (scale-attention head ``head_att``, sliding-window inference;
+  ``hrda_step.wrap``).
 * **Optimiser** (``config.daformer.optimizer``): ``'adamw'`` is DAFormer's
   AdamW with parameter groups (head LR x ``optim.head_lr_mult``, no decay
   on norms / position blocks) and linear warm-up + poly decay
@@ -47,6 +50,7 @@ from jaxda.data import pipeline
 from jaxda.methods import base
 from jaxda.methods.daformer import debug_grid
 from jaxda.methods.daformer import ema_step
+from jaxda.methods.daformer import hrda_step
 from jaxda.methods.daformer import rare_class_batches
 from jaxda.methods.daformer import schedule
 from jaxda.models import forward as forward_lib
@@ -106,10 +110,6 @@ def config_problems(config) -> list[str]:
        "config.daformer.fd_lambda > 0 needs a MiT network"
        " (config.daformer.network=mit_b5 ...): DeepLab-v2 has no bottleneck"
        " feature output here")
-  need(not d.hrda,
-       "config.daformer.hrda: HRDA's multi-resolution training is not wired"
-       " yet (its fusion is jaxda/methods/daformer/hrda_fusion.py); use"
-       " DAFormer or MIC")
   need(d.warmup_steps >= 0 and 0.0 <= d.warmup_ratio <= 1.0,
        "config.daformer.warmup_steps must be >= 0 and warmup_ratio in [0, 1]")
   need(d.debug_every >= -1,
@@ -124,6 +124,7 @@ def config_problems(config) -> list[str]:
        f"config.daformer.mask_block ({d.mask_block}) must be at most the"
        f" training size {tgt[0]}x{tgt[1]}")
   problems += rare_class_batches.config_problems(config)
+  problems += hrda_step.config_problems(config)
   return problems
 
 
@@ -148,7 +149,11 @@ def frozen_regexes(config) -> list[str]:
   (DAFormer trains every parameter)."""
   if config.daformer.network in MIT_NETWORKS:
     return list(config.optim.frozen_regexes)
-  return base.frozen_regexes(config)
+  frozen = base.frozen_regexes(config)
+  used = int(config.model.aspp_branches_used)
+  if config.daformer.hrda and used < 4:  # HRDA's attention ASPP alike
+    frozen.append(rf"^head_att/branch_({'|'.join(map(str, range(used, 4)))})/")
+  return frozen
 
 
 def group_rules(config) -> tuple[tuple[str, str], ...]:
@@ -157,6 +162,7 @@ def group_rules(config) -> tuple[tuple[str, str], ...]:
     return (("pos_block", schedule.NO_DECAY), ("head", schedule.HEAD),
             ("norm", schedule.NO_DECAY))
   return ((models_lib.head_param_regex, schedule.HEAD),
+          (r"^head_att/", schedule.HEAD),  # HRDA's scale attention
           (models_lib.batchnorm_param_regex, schedule.NO_DECAY))
 
 
@@ -201,6 +207,9 @@ def build_models(run: train_loop.Run) -> train_loop.Run:
   if config.daformer.network in MIT_NETWORKS:
     models = dataclasses.replace(
         models, segmenter=make_network(config, run.num_classes))
+  if config.daformer.hrda:
+    models = dataclasses.replace(
+        models, segmenter=hrda_step.wrap(config, models.segmenter))
   if config.daformer.optimizer == "adamw":
     tx, labels_fn = make_tx(config)
   return dataclasses.replace(run, models=models, tx=tx, labels_fn=labels_fn)
@@ -298,6 +307,12 @@ def _describe(run: train_loop.Run, state) -> str:
              else c.model.name)
   mic = (f", MIC masks {d.mask_block} px x {d.mask_ratio:g}, lambda"
          f" {d.mask_lambda:g}" if d.mask_lambda > 0 else "")
+  if d.hrda:
+    seg = run.models.segmenter
+    network = (f"HRDA({network}: context x{d.hrda_context_scale:g}, detail"
+               f" {seg.detail_size[0]}x{seg.detail_size[1]}, windows stride"
+               f" {seg.slide_stride[0]}x{seg.slide_stride[1]}, detail CE"
+               f" x{d.hrda_hr_loss_weight:g})")
   return (f"{c.method}: {c.num_steps} steps, batch {c.batch_size} on"
           f" {run.mesh.devices.size} device(s), network {network},"
           f" {n / 1e6:.2f}M parameters, optimiser {d.optimizer}; EMA"

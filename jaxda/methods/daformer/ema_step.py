@@ -18,6 +18,9 @@ One step (METHODS.md §17.3; DAFormer's ``DACS.forward_train``):
 4. **MIC** (``daformer.mask_lambda`` > 0): the colour-augmented target image
    with ``mask_ratio`` of its ``mask_block``-pixel blocks blanked; CE towards
    the teacher's full-image pseudo labels with the same weights.
+   With ``daformer.hrda`` every student pass above is HRDA's (context +
+   detail crop, fused and detail CE; ``hrda_step``) and the teacher's pseudo
+   labels come from HRDA's sliding-window inference.
 5. The optimiser update, then ``teacher <- a * teacher + (1 - a) * student``
    with ``a = min(1 - 1 / (t + 1), daformer.ema_alpha)``, t the new step.
 
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 from jaxda.data import pipeline
 from jaxda.methods import base
 from jaxda.methods.daformer import feature_distance
+from jaxda.methods.daformer import hrda_step
 from jaxda.methods.daformer import masking
 from jaxda.methods.daformer import mixing
 from jaxda.methods.daformer import photometric
@@ -45,9 +49,15 @@ from jaxda.models import mit
 LEVELS = ("main", "aux")
 
 
+def network(models: base.Models):
+  """The single-scale network (inside HRDA's wrapper, if any)."""
+  return (models.segmenter.net if hrda_step.is_hrda(models)
+          else models.segmenter)
+
+
 def is_mit(models: base.Models) -> bool:
   """The network is the SegFormer MiT + DAFormer head (``jaxda.models.mit``)."""
-  return isinstance(models.segmenter, mit.DAFormer)
+  return isinstance(network(models), mit.DAFormer)
 
 
 def apply_network(models: base.Models, params, batch_stats, images, *,
@@ -182,7 +192,7 @@ def mixed_inputs(models: base.Models, config, state, batch, rng
 
 def imagenet_features(models: base.Models, frozen, images) -> jax.Array:
   """The frozen ImageNet MiT encoder's last-stage features (no gradient)."""
-  seg = models.segmenter
+  seg = network(models)
   encoder = mit.MiT(mit.MIT_VARIANTS[seg.variant], drop_path_rate=0.0,
                     ln_eps=seg.ln_eps, dtype=seg.dtype)
   feats = encoder.apply({"params": jax.lax.stop_gradient(frozen["encoder"])},
@@ -190,60 +200,69 @@ def imagenet_features(models: base.Models, frozen, images) -> jax.Array:
   return jax.lax.stop_gradient(feats[-1].astype(jnp.float32))
 
 
-def make_step(models: base.Models, config, tx, disc_tx=None):
-  """The DAFormer (``mask_lambda`` 0) / MIC step, ``(state, batch, rng)``."""
-  del disc_tx
-  d = config.daformer
+def make_student_pass(models: base.Models, config):
+  """``pass(params, stats, images, labels, weights, *, labelled, key,
+  prefix) -> (loss, metrics, stats, (features, feature_images))``: one
+  student pass and its CE (every output level, ``{prefix}_main`` ...), or
+  HRDA's (``hrda_step.make_student_pass``)."""
+  if hrda_step.is_hrda(models):
+    return hrda_step.make_student_pass(models, config)
   bn_mode = config.model.bn_mode
   align = config.model.upsample_align_corners
   lambda_aux = config.loss.lambda_seg_aux
+
+  def student(params, stats, images, labels, weights, *, labelled, key,
+              prefix):
+    outputs, stats = apply_network(models, params, stats, images,
+                                   bn_mode=bn_mode, labelled=labelled,
+                                   dropout_key=key)
+    loss, metrics = weighted_ce(
+        logits_of(outputs, images.shape[1:3], align_corners=align), labels,
+        weights, lambda_aux=lambda_aux, prefix=prefix)
+    return loss, metrics, stats, (outputs.get("features"), images)
+
+  return student
+
+
+def make_step(models: base.Models, config, tx, disc_tx=None):
+  """The DAFormer (``mask_lambda`` 0) / MIC step, ``(state, batch, rng)``;
+  HRDA's passes with ``daformer.hrda``."""
+  del disc_tx
+  d = config.daformer
   frozen_regexes = base.frozen_regexes(config)
   num_classes = models.segmenter.num_classes
   fd_lambda = float(d.fd_lambda)
   mask_lambda = float(d.mask_lambda)
+  student = make_student_pass(models, config)
 
   def step(state, batch, rng):
     k_inputs, k_src, k_mix, k_mask = jax.random.split(rng, 4)
     src = batch["source"]
     inputs = mixed_inputs(models, config, state, batch, k_inputs)
-    src_size = src["image"].shape[1:3]
 
     def loss_fn(params):
-      outputs, stats = apply_network(models, params, state.batch_stats,
-                                     src["image"], bn_mode=bn_mode,
-                                     labelled=True, dropout_key=k_src)
-      total, metrics = weighted_ce(
-          logits_of(outputs, src_size, align_corners=align), src["label"],
-          None, lambda_aux=lambda_aux, prefix="ce")
+      total, metrics, stats, (feats, feat_images) = student(
+          params, state.batch_stats, src["image"], src["label"], None,
+          labelled=True, key=k_src, prefix="ce")
       if fd_lambda > 0:
-        student = outputs["features"]
         mask = feature_distance.thing_class_mask(
-            src["label"], student.shape[1:3], tuple(d.fd_classes),
+            src["label"], feats.shape[1:3], tuple(d.fd_classes),
             min_ratio=float(d.fd_min_ratio), num_classes=num_classes)
         fd = feature_distance.feature_distance(
-            student, imagenet_features(models, state.frozen, src["image"]),
+            feats, imagenet_features(models, state.frozen, feat_images),
             mask, lam=fd_lambda)
         metrics["feature_distance"] = fd
         total = total + fd
-      outputs, stats = apply_network(models, params, stats,
-                                     inputs["mixed_image"], bn_mode=bn_mode,
-                                     labelled=False, dropout_key=k_mix)
-      mix_loss, m = weighted_ce(
-          logits_of(outputs, inputs["mixed_image"].shape[1:3],
-                    align_corners=align),
-          inputs["mixed_label"], inputs["mixed_weight"],
-          lambda_aux=lambda_aux, prefix="mix_ce")
+      mix_loss, m, stats, _ = student(
+          params, stats, inputs["mixed_image"], inputs["mixed_label"],
+          inputs["mixed_weight"], labelled=False, key=k_mix, prefix="mix_ce")
       metrics.update(m)
       total = total + mix_loss
       if mask_lambda > 0:
-        image = inputs["masked_image"]
-        outputs, stats = apply_network(models, params, stats, image,
-                                       bn_mode=bn_mode, labelled=False,
-                                       dropout_key=k_mask)
-        mask_loss, m = weighted_ce(
-            logits_of(outputs, image.shape[1:3], align_corners=align),
-            inputs["pseudo_label"], inputs["pseudo_weight"],
-            lambda_aux=lambda_aux, prefix="mask_ce")
+        mask_loss, m, stats, _ = student(
+            params, stats, inputs["masked_image"], inputs["pseudo_label"],
+            inputs["pseudo_weight"], labelled=False, key=k_mask,
+            prefix="mask_ce")
         metrics.update(m)
         total = total + mask_lambda * mask_loss
       return total, (stats, metrics)
