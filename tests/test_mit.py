@@ -263,3 +263,23 @@ def test_import_weights_cli_writes_mit_for_daformer_init_weights(tmp_path):
   with pytest.raises(torchvision_import.WeightImportError,
                      match='not a MiT encoder'):
     torchvision_import.convert_file(str(tmp_path / 'deeplab.npz'), 'mit')
+
+
+def test_mit_in_the_segmenter_registry():
+  """`model.name=mit_*` builds the DAFormer net for every segmentation
+  method: same parameter tree (the MiT importer applies), one output."""
+  from jaxda import models  # pylint: disable=g-import-not-at-top
+  assert {'mit_b0', 'mit_b5', 'mit_tiny'} <= set(models.SEGMENTER_NAMES)
+  seg = models.create_segmenter('mit_tiny', 7, multi_level=False)
+  x = jnp.zeros((1, 64, 96, 3))
+  v = jax.eval_shape(seg.init, jax.random.key(0), x)
+  ref = jax.eval_shape(mit.DAFormer(num_classes=7, variant='mit_tiny').init,
+                       jax.random.key(0), x)
+  assert (jax.tree.map(lambda a: a.shape, v)
+          == jax.tree.map(lambda a: a.shape, ref))
+  out = jax.eval_shape(seg.apply, v, x)
+  assert set(out) == {'main'} and out['main'].shape == (1, 16, 24, 7)
+  with pytest.raises(ValueError, match='multi_level=False'):
+    models.create_segmenter('mit_tiny', 7, multi_level=True)
+  with pytest.raises(ValueError, match='aspp_branches_used=4'):
+    models.create_segmenter('mit_tiny', 7, aspp_branches_used=2)

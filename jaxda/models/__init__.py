@@ -1,4 +1,5 @@
-"""Flax Linen models: DeepLab-v2 segmenters and the FC discriminator.
+"""Flax Linen models: DeepLab-v2, VGG and SegFormer-MiT segmenters, the FC
+discriminator.
 
 This package is the only place in jaxda with Flax modules. Build models by
 name through `create_segmenter` / `create_discriminator`.
@@ -14,6 +15,7 @@ from jaxda.models import classifier
 from jaxda.models import deeplab
 from jaxda.models import discriminator
 from jaxda.models import forward
+from jaxda.models import mit
 from jaxda.models import multitask
 from jaxda.models import resnet
 from jaxda.models import vgg
@@ -70,7 +72,12 @@ _SEGMENTERS: dict[str, dict[str, Any]] = {
 _VGG_SEGMENTERS: dict[str, dict[str, Any]] = {
     'deeplabv2_vgg16': dict(base_width=64),
 }
-SEGMENTER_NAMES = tuple(_SEGMENTERS) + tuple(_VGG_SEGMENTERS)
+# SegFormer MiT + DAFormer head (single output at stride 4); the DAFormer /
+# MIC driver builds the same net with its extra outputs (features,
+# attention) from `config.daformer.network`.
+MIT_SEGMENTERS = tuple(mit.MIT_VARIANTS)
+SEGMENTER_NAMES = (tuple(_SEGMENTERS) + tuple(_VGG_SEGMENTERS)
+                   + MIT_SEGMENTERS)
 
 
 def create_segmenter(name: str, num_classes: int,
@@ -89,6 +96,8 @@ def create_segmenter(name: str, num_classes: int,
   """
   if name in _VGG_SEGMENTERS:
     return _create_vgg_segmenter(name, num_classes, **overrides)
+  if name in MIT_SEGMENTERS:
+    return _create_mit_segmenter(name, num_classes, **overrides)
   if name not in _SEGMENTERS:
     raise ValueError(f'Unknown segmenter {name!r}; known: {SEGMENTER_NAMES}')
   kwargs = {**_SEGMENTERS[name], **overrides}
@@ -111,6 +120,25 @@ def _create_vgg_segmenter(name: str, num_classes: int, *,
                      ' config.model.remat=False')
   return vgg.DeepLabV2VGG(num_classes=num_classes,
                           **{**_VGG_SEGMENTERS[name], **overrides})
+
+
+def _create_mit_segmenter(name: str, num_classes: int, *,
+                          multi_level: bool = False,
+                          aspp_branches_used: int = 4, remat: bool = False,
+                          dtype: Any = None, conv_impl: str = 'auto',
+                          remat_impl: str = 'gated',
+                          **overrides: Any) -> mit.MiTSegmenter:
+  """`mit.MiTSegmenter`; DeepLab options it does not have are refused."""
+  del conv_impl, remat_impl  # XLA's convolutions; no remat to pick.
+  if multi_level:
+    raise ValueError(f'{name} has a single output; set'
+                     ' config.model.multi_level=False')
+  if aspp_branches_used != 4 or remat:
+    raise ValueError(f'{name} has no DeepLab ASPP early return or remat; set'
+                     ' config.model.aspp_branches_used=4 and'
+                     ' config.model.remat=False')
+  return mit.MiTSegmenter(num_classes=num_classes, variant=name, dtype=dtype,
+                          **overrides)
 
 
 def create_discriminator(ndf: int = 64) -> discriminator.FCDiscriminator:

@@ -353,3 +353,19 @@ class DAFormer(nn.Module):
           self.dropout, dtype=self.dtype, name='head_att')(
               feats, train_bn, deterministic)
     return out
+
+
+class MiTSegmenter(DAFormer):
+  """The DAFormer net as a registry segmenter (``models.create_segmenter``
+  names ``mit_b0`` ... ``mit_b5``, ``mit_tiny``): the same parameters as
+  `DAFormer` (``encoder/``, ``head/``: MiT weight import applies), but only
+  ``{'main': (B, H/4, W/4, C)}`` out, as every segmentation method reads its
+  output levels."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train_bn: bool = False,
+               deterministic: bool = True,
+               attention: bool = True) -> dict[str, jax.Array]:
+    out = super().__call__(x, train_bn=train_bn, deterministic=deterministic,
+                           attention=attention)
+    return {'main': out['main']}
