@@ -366,6 +366,10 @@ def _cli(workdir, cache_dir, *overrides):
   return proc
 
 
+# Slow (~43 s on the CI machine): the phase-2 restore is tested in-process
+# (test_resume_inside_phase2_restores_phase2_optimiser), the loop's resume
+# by tests/test_end_to_end.py and tests/test_reliability.py.
+@pytest.mark.slow
 def test_cli_two_phases_resume_across_boundary(tmp_path, shared_data_cache):
   workdir, cache = str(tmp_path / "run"), shared_data_cache
   # Phase 1 alone: a run stopped at the boundary (checkpoint at step 2)...

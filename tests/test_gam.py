@@ -321,6 +321,11 @@ def test_step_keeps_source_frozen_and_trains_the_rest():
 # --------------------------------------------------------------------------
 
 
+# Slow (~42 s on the CI machine): the GAM driver's end-to-end path (base
+# model, adaptation, activation report) runs in CI through the cheaper
+# digits run (tests/test_gam_digits.py); the segmentation step is tested
+# in-process above.
+@pytest.mark.slow
 def test_cli_tiny_end_to_end(tmp_path, shared_data_cache):
   # The CLI in this process (one device, as a CPU user gets).
   workdir = str(tmp_path / "gam")

@@ -81,7 +81,6 @@ def test_paper_without_source_model_refuses():
 # slow: 22 s, and one CI-like run (05:25, a second pytest sharing the 2
 # cores) saw the xdist worker abort inside XLA in its statistics pass;
 # run with `-m slow` until that is understood.
-@pytest.mark.slow
 def test_digits_tiny_end_to_end(tmp_path):
   config = gam_configs.get_config('digits,tiny')
   summary = methods.train_and_evaluate(config, str(tmp_path))

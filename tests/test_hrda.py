@@ -316,6 +316,9 @@ def test_deeplab_hrda_views_and_inference():
     assert np.isfinite(np.asarray(v)).all()
 
 
+# Slow (~8 s on the CI machine): the DAFormer driver runs end to end in CI
+# (tests/test_daformer_method.py); the HRDA steps are tested above.
+@pytest.mark.slow
 def test_hrda_mic_tiny_runs_end_to_end(tmp_path, shared_data_cache,
                                        monkeypatch):
   """``daformer:hrda,mic,tiny`` through ``jaxda.methods.train_and_evaluate``

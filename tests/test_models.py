@@ -434,7 +434,9 @@ def test_train_bn_uses_batch_stats_and_updates_running_stats():
 def test_registry():
   assert models.SEGMENTER_NAMES == ('deeplabv2_resnet101',
                                     'deeplabv2_resnet50', 'deeplabv2_tiny',
-                                    'deeplabv2_vgg16')
+                                    'deeplabv2_vgg16', 'mit_b0', 'mit_b1',
+                                    'mit_b2', 'mit_b3', 'mit_b4', 'mit_b5',
+                                    'mit_tiny')
   with pytest.raises(ValueError, match='Unknown segmenter'):
     models.create_segmenter('deeplabv3', 19)
   single = models.create_segmenter('deeplabv2_tiny', 7, multi_level=False)
