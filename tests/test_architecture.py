@@ -49,7 +49,7 @@ PURE_MATH = ("jaxda.methods.self_training.thresholds",
              "jaxda.methods.daformer.feature_distance",
              "jaxda.methods.daformer.masking",
              "jaxda.methods.daformer.schedule",
-             "jaxda.methods.daformer.hrda_fusion")
+             "jaxda.hrda_fusion")
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxda.methods.daformer import feature_distance as fd
-from jaxda.methods.daformer import hrda_fusion
+from jaxda import hrda_fusion
 from jaxda.methods.daformer import masking
 from jaxda.methods.daformer import mixing
 from jaxda.methods.daformer import photometric

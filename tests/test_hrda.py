@@ -31,7 +31,7 @@ from jaxda import models as models_lib
 from jaxda.methods import base
 from jaxda.methods.daformer import ema_driver
 from jaxda.methods.daformer import ema_step
-from jaxda.methods.daformer import hrda_fusion
+from jaxda import hrda_fusion
 from jaxda.methods.daformer import hrda_step
 from jaxda.models import hrda
 from jaxda.train import exceptions

@@ -20,7 +20,7 @@ whose parameters stay where they were (``nn.share_scope``: `backbone/...`,
 Network logits are resized to the exact grid (input / output stride) before
 the fusion: DeepLab-v2's ceil-mode pooling gives one row and column more
 (65 x 129 for 512 x 1024). The geometry and the fusion are the pure
-functions of `jaxda.methods.daformer.hrda_fusion`.
+functions of `jaxda.hrda_fusion`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxda import ops
-from jaxda.methods.daformer import hrda_fusion
+from jaxda import hrda_fusion
 from jaxda.models import deeplab
 from jaxda.models import mit
 from jaxda.models import resnet

@@ -11,8 +11,8 @@ the registry:
 * `feature_distance`: thing-class ImageNet feature distance;
 * `masking`: MIC block masks;
 * `schedule`: warm-up + poly learning rate and the parameter-group AdamW;
-* `hrda_fusion`: HRDA scale-attention fusion of context and detail logits,
-  the context / detail view geometry and the sliding detail windows.
+* `hrda_step`: HRDA's training views and losses (its pure geometry and
+  fusion are `jaxda.hrda_fusion`, below the models that use it too).
 
 Beside them, not pure: `ema_step` (the DAFormer / MIC step), `hrda_step`
 (HRDA's student pass, network wrapper and config checks), `ema_driver`.

@@ -23,7 +23,7 @@ from jaxda import losses
 from jaxda import models as models_lib
 from jaxda import ops
 from jaxda.methods import base
-from jaxda.methods.daformer import hrda_fusion
+from jaxda import hrda_fusion
 from jaxda.models import hrda as hrda_model
 from jaxda.models import mit
 from jaxda.tasks import splits
