@@ -24,7 +24,8 @@ MAX_LINES = 600
 
 # Layers, lowest first: a module may import its own layer or lower ones.
 LAYERS = (
-    ("math", ("jaxda.types", "jaxda.losses", "jaxda.ops", "jaxda.metrics")),
+    ("math", ("jaxda.types", "jaxda.losses", "jaxda.ops", "jaxda.metrics",
+              "jaxda.hrda_fusion")),
     ("models", ("jaxda.models",)),
     ("data", ("jaxda.data",)),
     ("infra", ("jaxda.parallel", "jaxda.state", "jaxda.optim",
