@@ -160,8 +160,8 @@ _BENCH_STEPS = 1500
 
 
 def _digits_bench(c):
-  """1500 source + 1500 adaptation steps (ADDA's 10k + 10k take ~45 min a
-  run on 2 CPU cores); the optimisers and batch stay ADDA's."""
+  """1500 source + 1500 adaptation steps (ADDA's 10k + 10k: ~45 min a run
+  on 2 CPU cores, extrapolated); the optimisers and batch stay ADDA's."""
   c.gam.base_steps = _BENCH_STEPS
   c.num_steps = _BENCH_STEPS
 
