@@ -21,6 +21,16 @@ Writes DIR/lowering.json
 "dots", "custom_calls"}}}`` and prints a table. Under conv_impl='auto' a
 cuda/tpu segmentation step should have convolutions and no Winograd/tap dot
 chains (`jaxda.models.kernels.platform`).
+
+``--paper_size --memory`` builds the step at the preset's own crop and batch
+on one device and compiles the cpu lowering: its ``memory_analysis()``
+(arguments, outputs, temporaries, donated aliases, bytes; their total also
+in GiB) goes into the
+cpu entry. XLA:CPU's buffer assignment stands in for a GPU's where none is
+lent (the paper presets' "fits in 24 GB" check):
+
+  python -m benchmarks.lower_steps --platforms=cpu --methods=daformer,mic \
+      --paper_size --memory --out DIR
 """
 
 from __future__ import annotations
@@ -60,14 +70,25 @@ _STATE_HOOKS = {"gam": "jaxda.methods.gam.driver",
 
 
 def load_config(name: str, tiny: bool, height: int, width: int,
-                variant: str = ""):
+                variant: str = "", paper_size: bool = False):
   """The method's default config at a small size (batch: one per device),
-  plus ``variant`` (one of ``VARIANT_STEPS[name]``)."""
+  plus ``variant`` (one of ``VARIANT_STEPS[name]``). With ``paper_size``,
+  the preset's own training crop and batch instead (for memory analysis)."""
   module, extra = CONFIG_OF.get(name, (name, ""))
   variant = ",".join(v for v in ("tiny" if tiny else "paper", extra, variant)
                      if v)
   config = importlib.import_module(
       f"experiments.configs.{module}").get_config(variant)
+  if paper_size:  # the step as the preset trains it: its crop, its batch
+    if config.data.get("crop_height", 0) and config.data.get("crop_width", 0):
+      config.data.height = config.data.crop_height
+      config.data.width = config.data.crop_width
+    config.data.crop_height = config.data.crop_width = 0
+    for role in ("source", "target"):  # sizes from config.data
+      if role in config:
+        config[role].height = config[role].width = 0
+    config.num_devices = 1
+    return config
   config.data.height, config.data.width = height, width
   config.data.crop_height = config.data.crop_width = 0
   if config.get("daformer", {}).get("hrda", False):  # paper: 512 px of 1024
@@ -166,9 +187,11 @@ def phases(method) -> dict[str, Any]:
 def lower_method(name: str, platforms, *, tiny: bool, height: int,
                  width: int, conv_impl: str | None = None,
                  only_phase: str | None = None,
-                 variant: str = "") -> dict[str, dict]:
+                 variant: str = "", paper_size: bool = False,
+                 memory: bool = False) -> dict[str, dict]:
   """``{name[:phase]: {platform: result}}`` for one registry entry; with
-  ``variant``, ``{name:variant: ...}`` of its first phase."""
+  ``variant``, ``{name:variant: ...}`` of its first phase. With ``memory``,
+  the cpu lowering is compiled and its ``memory_analysis()`` recorded."""
   from jaxda import parallel  # pylint: disable=g-import-not-at-top
   from jaxda.methods import METHODS  # pylint: disable=g-import-not-at-top
   method = METHODS[name]
@@ -176,7 +199,7 @@ def lower_method(name: str, platforms, *, tiny: bool, height: int,
   if variant:
     only_phase = ""
   try:
-    config = load_config(name, tiny, height, width, variant)
+    config = load_config(name, tiny, height, width, variant, paper_size)
     if conv_impl is not None:
       config.model.conv_impl = conv_impl
     run = _fake_run(config, method)
@@ -205,12 +228,37 @@ def lower_method(name: str, platforms, *, tiny: bool, height: int,
       continue
     for platform in platforms:
       try:
-        text = traced.lower(lowering_platforms=(platform,)).as_text()
-        out[key][platform] = {"ok": True, "error": "", **count_ops(text)}
+        lowered = traced.lower(lowering_platforms=(platform,))
+        out[key][platform] = {"ok": True, "error": "",
+                              **count_ops(lowered.as_text())}
+        if memory and platform == "cpu":
+          out[key][platform].update(
+              compiled_memory(lowered, config, batch))
       except Exception as e:  # pylint: disable=broad-except
         out[key][platform] = _failed(
             f"lower: {type(e).__name__}: {e}".splitlines()[0])
   return out
+
+
+def compiled_memory(lowered, config, batch) -> dict[str, Any]:
+  """XLA:CPU's buffer assignment of the compiled step: argument / output /
+  temporary / donated-alias bytes and their total (what one device holds
+  while the step runs), the compile time, and the sizes it was built at."""
+  t0 = time.time()
+  compiled = lowered.compile()
+  m = compiled.memory_analysis()
+  gib = 2.0 ** 30
+  sizes = {k: int(getattr(m, f"{k}_size_in_bytes"))
+           for k in ("argument", "output", "temp", "alias")}
+  total = (sizes["argument"] + sizes["output"] + sizes["temp"]
+           - sizes["alias"])
+  images = {r: list(b["image"].shape) for r, b in batch.items()}
+  return {"compile_s": round(time.time() - t0, 1),
+          **{f"{k}_bytes": v for k, v in sizes.items()},
+          "total_bytes": total, "total_gib": round(total / gib, 3),
+          "images": images,
+          "network": config.get("daformer", {}).get("network", "")
+                     or config.model.get("name", "")}
 
 
 def _failed(error: str) -> dict[str, Any]:
@@ -247,6 +295,11 @@ def main(argv=None) -> int:
   parser.add_argument("--width", type=int, default=0)
   parser.add_argument("--conv_impl", default=None,
                       help="override config.model.conv_impl")
+  parser.add_argument("--paper_size", action="store_true",
+                      help="the preset's own crop and batch, one device")
+  parser.add_argument("--memory", action="store_true",
+                      help="compile the cpu lowering; record its memory"
+                      " analysis in lowering.json")
   args = parser.parse_args(argv)
   from jaxda.methods import METHODS  # pylint: disable=g-import-not-at-top
   platforms = tuple(p for p in args.platforms.split(",") if p)
@@ -257,13 +310,12 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   for name in names:
     t0 = time.time()
-    results.update(lower_method(name, platforms, tiny=args.tiny,
-                                height=height, width=width,
-                                conv_impl=args.conv_impl))
+    kw = dict(tiny=args.tiny, height=height, width=width,
+              conv_impl=args.conv_impl, paper_size=args.paper_size,
+              memory=args.memory)
+    results.update(lower_method(name, platforms, **kw))
     for variant in VARIANT_STEPS.get(name, ()):
-      results.update(lower_method(name, platforms, tiny=args.tiny,
-                                  height=height, width=width,
-                                  conv_impl=args.conv_impl, variant=variant))
+      results.update(lower_method(name, platforms, variant=variant, **kw))
     print(f"{name}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     # Rewritten after every method: a long paper-model sweep leaves what
     # it has done so far.

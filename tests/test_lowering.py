@@ -143,3 +143,28 @@ def test_every_method_lowers_for_cuda_and_tpu(tmp_path):
       assert per[p]['ok'], (key, p, per[p]['error'])
     if METHODS[key.split(':')[0]].task != 'classification':
       assert per['cuda']['convolutions'] > 0, key
+
+
+def test_paper_size_keeps_the_presets_crop_and_batch():
+  config = lower_steps.load_config('daformer', False, 0, 0, paper_size=True)
+  assert (config.data.height, config.data.width) == (512, 512)
+  assert config.batch_size == 2 and config.num_devices == 1
+  assert config.daformer.network == 'mit_b5'
+  hrda = lower_steps.load_config('daformer', False, 0, 0, 'hrda',
+                                 paper_size=True)
+  assert (hrda.data.height, hrda.data.width) == (1024, 1024)
+  assert tuple(hrda.daformer.hrda_detail_crop) == (512, 512)
+  assert hrda.target.height == hrda.target.width == 0  # from config.data
+
+
+def test_memory_analysis_of_a_compiled_step():
+  per = lower_steps.lower_method('dann', ('cpu', 'cuda'), tiny=True,
+                                 height=16, width=16, memory=True)['dann']
+  cpu = per['cpu']
+  assert cpu['ok'], cpu['error']
+  assert 'total_bytes' not in per['cuda']  # compiled for cpu only
+  assert cpu['argument_bytes'] > 0 and cpu['temp_bytes'] > 0
+  assert cpu['total_bytes'] == (cpu['argument_bytes'] + cpu['output_bytes']
+                                + cpu['temp_bytes'] - cpu['alias_bytes'])
+  assert cpu['total_gib'] == round(cpu['total_bytes'] / 2**30, 3)
+  assert cpu['images']['source'][1:3] == [16, 16]

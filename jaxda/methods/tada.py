@@ -11,6 +11,8 @@ concatenated source + target batch (n = B_s + B_t):
    and the attended map h = (1 + w) f (Eq. 4).
 3. h is pooled, passed through G_b and G_y. The global discriminator G_d
    sees GRL(G_b(h)): L_g (Eq. 5) and global attention m = 1 + H(d̂) (Eq. 6).
+   (Its input is DANN's, ``adversarial.dann_features``: G_b(h), or the
+   pooled h itself with ``'pooled'``.)
 4. Attentive entropy over source and target, L_h = mean_i m_i H(p_i) (Eq. 7);
    source CE L_y (Eq. 8).
 5. Objective (Eq. 9-10) as one minimisation with GRLs:
@@ -99,6 +101,7 @@ def make_step(models: classification.ClassificationModels, config, tx,
   # the same reversed gradient, each region D s times its 1/K share.
   local_scale = float(t.get("local_disc_grad_scale", 1.0))
   coefficient = dann.coefficient_fn(config)
+  global_input = dann.discriminator_features(config)  # as DANN's G_d
 
   def step(state, batch, rng):
     del rng
@@ -129,7 +132,7 @@ def make_step(models: classification.ClassificationModels, config, tx,
       out = classification.classify(models, params, fmap)
       g_logits = models.discriminator.apply(
           {"params": disc_params["global"]},
-          ops.gradient_reversal(out["bottleneck"], coeff * lambda_global))
+          ops.gradient_reversal(out[global_input], coeff * lambda_global))
       l_global = losses.bce_with_logits(g_logits, d)
       if use_global_attention:
         m = attention.global_attention(
@@ -208,6 +211,7 @@ def config_problems(config) -> list[str]:
 TADA = base.Method(
     name="tada", make_step=make_step, task="classification",
     discriminator_inputs="features",
+    discriminator_features=dann.discriminator_features,
     make_region_discriminators=make_region_discriminators,
     attention_maps=attention_maps, config_problems=config_problems,
     single_process=True)
