@@ -99,7 +99,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.adversarial.grl_max = 1.0  # value the GRL coefficient ramps to
   c.adversarial.tllib_max_iters = 1000  # tllib warm-up length
   c.adversarial.domain_label_source = 1  # source label (TADA, tllib: 1)
-  c.adversarial.dann_features = "bottleneck"  # DANN's D input: or 'pooled'
+  # Global D input (DANN, TADA): 'bottleneck' or 'pooled' (the conv
+  # features; DANN's digits default, experiments/configs/dann.py)
+  c.adversarial.dann_features = "bottleneck"
   c.adversarial.disc_hidden = (256, 256)  # global D hidden widths
   c.adversarial.disc_lr_mult = 1.0  # D LR multiplier (thuml pretrained: 10)
 
@@ -150,6 +152,7 @@ def _mnist_m(c):
 
 def _resnet50(c):
   c.model.name = "resnet50"
+  c.adversarial.dann_features = "bottleneck"  # thuml/tllib's G_d input
   c.data.height = 224
   c.data.width = 224
   c.data.normalization = "imagenet"
