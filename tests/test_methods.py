@@ -96,9 +96,11 @@ def _with_method(c, name):
   return c
 
 
-# Sharded-vs-single is checked on one method of each step family (the
-# others share its code path); every config still runs a step.
-SHARDED = ("source_only", "adaptsegnet", "minent")
+# Sharded-vs-single is checked on the supervised and the adversarial step
+# (every other segmentation step shares `parallel.jit_step` and the loss
+# reductions; MinEnt's 8-device compile left CI for time, its single-device
+# step still runs); every config still runs a step.
+SHARDED = ("source_only", "adaptsegnet")
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

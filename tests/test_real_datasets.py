@@ -716,6 +716,10 @@ def test_tfds_builder_without_tensorflow(tmp_path):
     tfds_builders.builder('synthetic')
 
 
+# Slow (40 s of CI's 12 minutes): training through the GTA5/Cityscapes
+# readers. In CI the readers themselves are tested above on the same fake
+# trees; the R101 `paper` smoke (slow too) trains through them as well.
+@pytest.mark.slow
 def test_train_gta5_to_cityscapes_layout(tmp_path, monkeypatch):
   results = []
   evaluate = full_resolution.evaluate_target
