@@ -95,10 +95,12 @@ def _check_summary(workdir, method, steps):
 
 # Resume is checked on AdaptSegNet (segmenter, discriminators, their
 # optimisers); source-only's resume is test_best_on_target_val_selection_
-# and_resume's second run (CI time: one fewer 6-step run).
+# and_resume's second run (CI time: one fewer 6-step run). ADVENT's entry
+# point (the same three-line `main.run` wrapper) left CI for time: its step
+# runs in test_methods (and lowers in the slow test_lowering sweep).
 @pytest.mark.parametrize("module,method,resume", [
     ("source_only", "source_only", False), ("oracle", "oracle", False),
-    ("adaptsegnet", "adaptsegnet", True), ("advent", "advent", False)])
+    ("adaptsegnet", "adaptsegnet", True)])
 def test_entry_point_runs_and_resumes(request, tmp_path, cache_dir, module,
                                       method, resume):
   config = f"--config=experiments/configs/{module}.py:tiny"
