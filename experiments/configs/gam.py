@@ -17,8 +17,8 @@ released digits code's drift: weight 1.0 on per-variable means), ``code``
 ``model.init_checkpoint`` from ``experiments.source_only:paper``).
 
 ``digits`` (with ``tiny``, ``code``, ``mnist_m``, ``gaussian_only``,
-``disc_only``, ``bench``: 1500 + 1500 steps, the length DANN and TADA
-train on the embedded digits pair): DAM's released digits setting on the classification task
+``disc_only``, ``bench``: 1500 + 1500 steps, the embedded digits pair's
+length when GAM was measured; DANN and TADA now train 4500): DAM's released digits setting on the classification task
 (LeNet, fc3/fc4 discriminators, ADDA optimiser; ``digits_config``), source
 MNIST -> target scikit-learn digits by default (``--config.source.name`` /
 ``--config.target.name`` for mnist / usps / svhn files). Targets (released
@@ -154,8 +154,9 @@ def digits_config() -> ml_collections.ConfigDict:
   return c
 
 
-# The embedded digits benchmark's length (DANN and TADA train 1500 steps,
-# README): GAM's source model and its adaptation get as many each.
+# GAM's source model and its adaptation get 1500 steps each: the digits
+# benchmark's length when GAM was measured (DANN and TADA now train 4500,
+# classification_common; GAM's rows in README say which length they ran).
 _BENCH_STEPS = 1500
 
 
