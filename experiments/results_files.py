@@ -13,6 +13,7 @@ run, not the library.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -41,19 +42,25 @@ def git_state() -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-  """CPU model, core count and the JAX devices of this process."""
-  cpu = platform.processor() or platform.machine()
+  """CPU model, core count, a hash of the CPU's feature flags (XLA:CPU
+  compiles for them, so two machines give bitwise-equal runs only when
+  they match) and the JAX devices of this process."""
+  cpu, flags = platform.processor() or platform.machine(), ""
+  model = None
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
+      for line in f:  # the first core's model name and flags
+        if line.startswith("model name") and model is None:
+          model = cpu = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+          flags = " ".join(sorted(line.split(":", 1)[1].split()))
   except OSError:
     pass
   import jax  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   return {"cpu": cpu, "cores": os.cpu_count(),
+          "cpu_flags": hashlib.sha1(flags.encode()).hexdigest()[:12]
+                       if flags else "",
           "device": f"{len(devices)} x {devices[0].device_kind}",
           "platform": devices[0].platform, "jax": jax.__version__}
 
