@@ -15,6 +15,7 @@ lowers for any platform on this CPU machine (`benchmarks.lower_steps`).
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import lower_steps
@@ -168,3 +169,19 @@ def test_memory_analysis_of_a_compiled_step():
                                 + cpu['temp_bytes'] - cpu['alias_bytes'])
   assert cpu['total_gib'] == round(cpu['total_bytes'] / 2**30, 3)
   assert cpu['images']['source'][1:3] == [16, 16]
+
+
+def test_mit_memory_fit_recovers_an_affine_law_and_flags_a_bad_one():
+  from benchmarks import mit_memory_fit as fit_lib
+  rng = np.random.default_rng(0)
+  a, c = 3e9, rng.uniform(1e7, 1e8, size=4)
+  points = [(d, a + float(np.dot(c, d))) for d in fit_lib.FIT_DEPTHS]
+  coef = fit_lib.fit_affine(points)
+  np.testing.assert_allclose(coef, [a, *c], rtol=1e-9)
+  real = (3, 6, 40, 3)
+  assert fit_lib.predict(coef, real) == pytest.approx(a + np.dot(c, real))
+  # A law that is not affine in the depths misses the held-out point.
+  quad = [(d, a + float(np.dot(c, np.square(d)))) for d in fit_lib.FIT_DEPTHS]
+  coef = fit_lib.fit_affine(quad)
+  held = a + float(np.dot(c, np.square(fit_lib.HELD_OUT)))
+  assert abs(fit_lib.predict(coef, fit_lib.HELD_OUT) - held) > 1e6
