@@ -101,8 +101,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.adversarial.grl_max = 1.0  # value the GRL coefficient ramps to
   c.adversarial.tllib_max_iters = 1000  # tllib warm-up length
   c.adversarial.domain_label_source = 1  # source label (TADA, tllib: 1)
-  # Global D input (DANN, TADA): 'bottleneck' or 'pooled' (the conv
-  # features; DANN's digits default, experiments/configs/dann.py)
+  # Global D input (DANN, TADA): 'bottleneck' or 'pooled' (the flattened
+  # conv features, the DANN paper's digits placement)
   c.adversarial.dann_features = "bottleneck"
   c.adversarial.disc_hidden = (256, 256)  # global D hidden widths
   c.adversarial.disc_lr_mult = 1.0  # D LR multiplier (thuml pretrained: 10)
