@@ -69,18 +69,59 @@ def step_bytes(spec: str, depths: tuple[int, ...]) -> dict[str, Any]:
           "images": result["images"]}
 
 
+def summarize(spec: str, entry: dict[str, Any], budget_gib: float) -> None:
+  """Adds the fit, the held-out error (when that point exists) and the
+  prediction at the real depths to ``entry`` and prints them."""
+  from benchmarks import lower_steps  # pylint: disable=g-import-not-at-top
+  from jaxda.models import mit  # pylint: disable=g-import-not-at-top
+  by_depths = {tuple(p["depths"]): p["total_bytes"] for p in entry["points"]}
+  missing = [d for d in FIT_DEPTHS if d not in by_depths]
+  if missing:
+    raise ValueError(f"{spec}: no compile at depths {missing} yet")
+  coef = fit_affine([(d, by_depths[d]) for d in FIT_DEPTHS])
+  name, _, variant = spec.partition(":")
+  network = lower_steps.load_config(name, False, 0, 0, variant,
+                                    True).daformer.network
+  real = mit.MIT_VARIANTS[network].depths
+  total, gib = predict(coef, real), 2.0 ** 30
+  held = by_depths.get(HELD_OUT)
+  entry.update(
+      coefficients_bytes=[float(c) for c in coef],
+      held_out_error_bytes=(None if held is None
+                            else predict(coef, HELD_OUT) - held),
+      predicted_depths=list(real), predicted_bytes=total,
+      predicted_gib=round(total / gib, 3),
+      fits_budget=bool(total <= budget_gib * gib))
+  check = ("no held-out point" if held is None else
+           f"held-out error {entry['held_out_error_bytes'] / 2**20:+.1f} MiB")
+  print(f"{spec}: {network} {real} -> {total / gib:.2f} GiB ({check})",
+        flush=True)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--methods", default="mic:hrda,daformer")
   parser.add_argument("--out", required=True)
   parser.add_argument("--budget_gib", type=float, default=24.0,
                       help="the device memory the verdict is against")
+  parser.add_argument("--fit_only", action="store_true",
+                      help="compile nothing: fit the points already in"
+                      " DIR/mit_memory_fit.json (e.g. of a stopped run)")
   args = parser.parse_args(argv)
-  from benchmarks import lower_steps  # pylint: disable=g-import-not-at-top
-  from jaxda.models import mit  # pylint: disable=g-import-not-at-top
   from experiments import results_files  # pylint: disable=g-import-not-at-top
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "mit_memory_fit.json")
+  if args.fit_only:
+    with open(path) as f:
+      report = json.load(f)
+    for spec, entry in report["steps"].items():
+      try:
+        summarize(spec, entry, report["budget_gib"])
+      except ValueError as e:
+        print(e, flush=True)
+    with open(path, "w") as f:
+      json.dump(report, f, indent=2)
+    return 0
   report: dict[str, Any] = {"provenance": results_files.provenance(),
                             "budget_gib": args.budget_gib, "steps": {}}
   gib = 2.0 ** 30
@@ -93,25 +134,7 @@ def main(argv=None) -> int:
             f" (compile {point['compile_s']} s)", flush=True)
       with open(path, "w") as f:
         json.dump(report, f, indent=2)
-    fit = [(tuple(p["depths"]), p["total_bytes"])
-           for p in entry["points"][:len(FIT_DEPTHS)]]
-    coef = fit_affine(fit)
-    held = entry["points"][-1]
-    name, _, variant = spec.partition(":")
-    network = lower_steps.load_config(name, False, 0, 0, variant,
-                                      True).daformer.network
-    real = mit.MIT_VARIANTS[network].depths
-    total = predict(coef, real)
-    entry.update(
-        coefficients_bytes=[float(c) for c in coef],
-        held_out_error_bytes=predict(coef, held["depths"])
-        - held["total_bytes"],
-        predicted_depths=list(real), predicted_bytes=total,
-        predicted_gib=round(total / gib, 3),
-        fits_budget=bool(total <= args.budget_gib * gib))
-    print(f"{spec}: {network} {real} -> {total / gib:.2f} GiB (held-out"
-          f" error {entry['held_out_error_bytes'] / 2**20:+.1f} MiB)",
-          flush=True)
+    summarize(spec, entry, args.budget_gib)
     with open(path, "w") as f:
       json.dump(report, f, indent=2)
   return 0
