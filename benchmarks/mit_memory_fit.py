@@ -47,21 +47,28 @@ def predict(coef: np.ndarray, depths) -> float:
   return float(coef[0] + np.dot(coef[1:], depths))
 
 
+def _network(spec: str) -> str:
+  """The MiT variant ``spec``'s paper preset builds (e.g. 'mit_b5')."""
+  from benchmarks import lower_steps  # pylint: disable=g-import-not-at-top
+  name, _, variant = spec.partition(":")
+  config = lower_steps.load_config(name, False, 0, 0, variant, True)
+  return config.daformer.network or config.model.name
+
+
 def step_bytes(spec: str, depths: tuple[int, ...]) -> dict[str, Any]:
   """The cpu memory analysis of ``spec``'s paper-size step with the MiT
   stage depths replaced by ``depths``."""
   from benchmarks import lower_steps  # pylint: disable=g-import-not-at-top
   from jaxda.models import mit  # pylint: disable=g-import-not-at-top
   name, _, variant = spec.partition(":")
-  config = lower_steps.load_config(name, False, 0, 0, variant, True)
-  network = config.daformer.network or config.model.name
+  network = _network(spec)
   shallow = dataclasses.replace(mit.MIT_VARIANTS[network],
                                 depths=tuple(depths))
   with mock.patch.dict(mit.MIT_VARIANTS, {network: shallow}):
     out = lower_steps.lower_method(name, ("cpu",), tiny=False, height=0,
                                    width=0, variant=variant,
                                    paper_size=True, memory=True)
-  (result,) = [per["cpu"] for per in out.values()][:1]
+  result = next(iter(out.values()))["cpu"]  # the variant's first phase
   if not result["ok"]:
     raise RuntimeError(f"{spec} {depths}: {result['error']}")
   return {"depths": list(depths), "total_bytes": result["total_bytes"],
@@ -72,16 +79,13 @@ def step_bytes(spec: str, depths: tuple[int, ...]) -> dict[str, Any]:
 def summarize(spec: str, entry: dict[str, Any], budget_gib: float) -> None:
   """Adds the fit, the held-out error (when that point exists) and the
   prediction at the real depths to ``entry`` and prints them."""
-  from benchmarks import lower_steps  # pylint: disable=g-import-not-at-top
   from jaxda.models import mit  # pylint: disable=g-import-not-at-top
   by_depths = {tuple(p["depths"]): p["total_bytes"] for p in entry["points"]}
   missing = [d for d in FIT_DEPTHS if d not in by_depths]
   if missing:
     raise ValueError(f"{spec}: no compile at depths {missing} yet")
   coef = fit_affine([(d, by_depths[d]) for d in FIT_DEPTHS])
-  name, _, variant = spec.partition(":")
-  network = lower_steps.load_config(name, False, 0, 0, variant,
-                                    True).daformer.network
+  network = _network(spec)
   real = mit.MIT_VARIANTS[network].depths
   total, gib = predict(coef, real), 2.0 ** 30
   held = by_depths.get(HELD_OUT)
