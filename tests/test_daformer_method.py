@@ -122,6 +122,52 @@ def test_teacher_follows_the_ema_of_a_numpy_reference(tiny_run):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _step_inputs(per_loss, size=H):
+  config = _config(color_jitter_strength=0.0, blur=False,
+                   per_loss_backward=per_loss)
+  config.data.height = config.data.width = size
+  models = base.Models(_TinySegmenter())
+  variables = models.segmenter.init(jax.random.key(0),
+                                    jnp.zeros((1, size, size, 3)))
+  tx = optax.adam(1e-2)
+  state = ema_driver.TeacherTrainState.create(
+      params=variables["params"], batch_stats=variables["batch_stats"],
+      tx=tx)
+  state = state.replace(teacher=jax.tree.map(jnp.copy, state.params))
+  return ema_step.make_step(models, config, tx), state
+
+
+def test_per_loss_backward_equals_the_summed_loss(tiny_run):
+  """One backward per loss (the default) gives the summed loss's update:
+  the same gradients, statistics chained through the passes."""
+  step, state = _step_inputs(per_loss=False)
+  state = state.replace(params=tiny_run["history"][0][0])
+  per_loss = jax.jit(ema_step.make_step(
+      tiny_run["models"], tiny_run["config"], optax.adam(1e-2)))
+  a, ma = per_loss(state, _batch(7), jax.random.key(7))
+  b, mb = jax.jit(step)(state, _batch(7), jax.random.key(7))
+  for key in ("loss", "ce_main", "mix_ce_main", "mask_ce_main", "grad_norm"):
+    np.testing.assert_allclose(ma[key], mb[key], rtol=1e-5, err_msg=key)
+  for got, want in zip(jax.tree.leaves((a.params, a.batch_stats, a.teacher)),
+                       jax.tree.leaves((b.params, b.batch_stats, b.teacher))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_per_loss_backward_holds_one_pass_alive():
+  """The compiled step's scratch memory drops: the source, mixed and
+  masked passes' activations are not all alive at the single backward."""
+  size = 128  # activations, not parameters, dominate
+  batch = {"source": {"image": jnp.zeros((B, size, size, 3)),
+                      "label": jnp.zeros((B, size, size), jnp.int32)},
+           "target": {"image": jnp.zeros((B, size, size, 3))}}
+  temp = {}
+  for per_loss in (True, False):
+    step, state = _step_inputs(per_loss, size)
+    compiled = jax.jit(step).lower(state, batch, jax.random.key(0)).compile()
+    temp[per_loss] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp[True] < 0.8 * temp[False], temp
+
+
 def test_debug_grid_draws(tiny_run, tmp_path):
   """The grid of a DAFormer batch: ClassMix, jitter and blur under jit."""
   config = _config("tiny", color_jitter_skip_prob=0.0)  # always jitter

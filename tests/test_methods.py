@@ -4,6 +4,7 @@ Uses the tiny model so every step compiles in seconds on CPU.
 """
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,6 +173,42 @@ def test_bn_mode_target_statistics(bn_mode, target_changes_stats):
   if bn_mode == "frozen":
     jax.tree.map(np.testing.assert_array_equal, s1.batch_stats,
                  state.batch_stats)
+
+
+def test_running_statistics_carry_no_gradient():
+  """A target pass that normalises with the statistics a source pass just
+  updated (bn_mode 'source') differentiates as if they were constants,
+  as PyTorch's in-place buffer update: the independent reference feeds
+  them in from outside the differentiated function."""
+  class ConvBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train_bn=False):
+      x = nn.BatchNorm(use_running_average=not train_bn)(nn.Conv(4, (3, 3))(x))
+      return {"main": nn.Conv(NUM_CLASSES, (1, 1))(nn.relu(x))}
+
+  seg = ConvBN()
+  m = base.Models(seg)
+  variables = jax.jit(seg.init)(jax.random.key(0), jnp.zeros((1, H, W, 3)))
+  batch = _batch(4, b=2)
+  xs, xt = batch["source"]["image"], batch["target"]["image"]
+
+  def target_loss(params, stats):
+    out, _ = base.forward(m, params, stats, xt, bn_mode="source",
+                          labelled=False)
+    return jnp.mean(out["main"] ** 2)
+
+  def chained(params):
+    _, stats = base.forward(m, params, variables["batch_stats"], xs,
+                            bn_mode="source", labelled=True)
+    return target_loss(params, stats)
+
+  _, updated = jax.jit(lambda p, s: base.forward(
+      m, p, s, xs, bn_mode="source", labelled=True))(
+          variables["params"], variables["batch_stats"])
+  got = jax.jit(jax.grad(chained))(variables["params"])
+  want = jax.jit(jax.grad(target_loss))(variables["params"], updated)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7), got, want)
 
 
 def test_adversarial_disc_gradient_does_not_reach_segmenter():

@@ -94,6 +94,10 @@ def daformer_config() -> ml_collections.ConfigDict:
   # Detail offsets k * os / scale up to the far border ('full') or as the
   # released code, randint(0, (margin + 1) // k) * k, never touching it.
   d.hrda_crop_max_offset = "full"
+  # One backward per loss, gradients summed (the original's order): one
+  # pass's activations alive at a time; False: one backward of the summed
+  # loss (the same gradients, every pass alive at once).
+  d.per_loss_backward = True
   d.debug_every = 0  # steps between debug pictures (0: at the end; -1: none)
   return d
 

@@ -160,6 +160,36 @@ def minimize(state, tx: optax.GradientTransformation, loss_fn,
                         grad_norm=trainable_norm(grads, frozen))
 
 
+def minimize_per_loss(state, tx: optax.GradientTransformation, passes,
+                      frozen: Sequence[str] = ()):
+  """``minimize`` on the sum of ``passes``' losses, one backward per loss.
+
+  Each pass is ``f(params, batch_stats) -> (loss, (batch_stats, metrics))``;
+  the statistics chain from pass to pass. Their gradients are taken one
+  pass at a time and summed, with an ``optimization_barrier`` between, so a
+  pass's forward starts only after the previous backward ended and its
+  activations are freed: peak memory is one pass's activations, not all
+  of them (the original's ``loss.backward()`` per loss; summing the losses
+  first keeps every pass alive until the single backward).
+
+  Returns:
+    ``(new_state, metrics)``, as ``minimize`` (``loss`` is the sum).
+  """
+  params, stats = state.params, state.batch_stats
+  grads, total, metrics = None, 0.0, {}
+  for f in passes:
+    (loss, (stats, m)), g = jax.value_and_grad(f, has_aux=True)(params, stats)
+    grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    total = total + loss
+    metrics.update(m)
+    # The next pass reads params/stats through the barrier, which waits
+    # for this pass's gradients.
+    grads, params, stats = jax.lax.optimization_barrier((grads, params, stats))
+  new_state = update_segmenter(state, tx, grads, stats)
+  return new_state, dict(metrics, loss=total,
+                        grad_norm=trainable_norm(grads, frozen))
+
+
 def update_discriminators(state, disc_tx: optax.GradientTransformation,
                           disc_grads):
   """Applies the discriminators' update (step counter unchanged)."""

@@ -69,6 +69,17 @@ def _check_bn_mode(bn_mode: str) -> None:
     raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
 
 
+def running_stats(stats):
+  """BatchNorm running statistics as a later pass may read them: constants.
+
+  A training pass's updated statistics are a function of the parameters;
+  a later pass in the same loss that normalises with them would otherwise
+  send gradient through them. PyTorch updates its running buffers in place
+  without gradient, so this is the originals' behaviour.
+  """
+  return jax.lax.stop_gradient(stats)
+
+
 def forward(models: Models, params, batch_stats, images, *, bn_mode: str,
             labelled: bool, training: bool = True):
   """Runs the segmenter with the configured BatchNorm behaviour.
@@ -105,7 +116,7 @@ def forward(models: Models, params, batch_stats, images, *, bn_mode: str,
   if use_batch:
     outputs, mutated = models.segmenter.apply(
         variables, images, train_bn=True, mutable=["batch_stats"])
-    return outputs, mutated["batch_stats"]
+    return outputs, running_stats(mutated["batch_stats"])
   return models.segmenter.apply(variables, images, train_bn=False), batch_stats
 
 
@@ -143,7 +154,7 @@ def extract_features(models: ClassificationModels, params, batch_stats,
     fmap, mutated = models.classifier.apply(
         variables, images, train_bn=True, mutable=["batch_stats"],
         method=method)
-    return fmap, mutated["batch_stats"]
+    return fmap, running_stats(mutated["batch_stats"])
   return models.classifier.apply(variables, images, train_bn=False,
                                  method=method), batch_stats
 

@@ -21,6 +21,10 @@ One step (METHODS.md §17.3; DAFormer's ``DACS.forward_train``):
    With ``daformer.hrda`` every student pass above is HRDA's (context +
    detail crop, fused and detail CE; ``hrda_step``) and the teacher's pseudo
    labels come from HRDA's sliding-window inference.
+   With ``daformer.per_loss_backward`` (default) each of these losses is
+   differentiated on its own and the gradients summed
+   (``base.minimize_per_loss``), as the original's ``backward()`` per
+   loss: one pass's activations alive at a time instead of all of them.
 5. The optimiser update, then ``teacher <- a * teacher + (1 - a) * student``
    with ``a = min(1 - 1 / (t + 1), daformer.ema_alpha)``, t the new step.
 
@@ -44,6 +48,7 @@ from jaxda.methods.daformer import masking
 from jaxda.methods.daformer import mixing
 from jaxda.methods.daformer import photometric
 from jaxda.methods.daformer import teacher as teacher_lib
+from jaxda.models import forward as forward_lib
 from jaxda.models import mit
 
 LEVELS = ("main", "aux")
@@ -78,7 +83,7 @@ def apply_network(models: base.Models, params, batch_stats, images, *,
     outputs, mutated = models.segmenter.apply(
         variables, images, train_bn=True, deterministic=False, rngs=rngs,
         mutable=["batch_stats"])
-    return outputs, mutated["batch_stats"]
+    return outputs, forward_lib.running_stats(mutated["batch_stats"])
   return models.segmenter.apply(variables, images, train_bn=False,
                                 deterministic=False, rngs=rngs), batch_stats
 
@@ -233,6 +238,7 @@ def make_step(models: base.Models, config, tx, disc_tx=None):
   num_classes = models.segmenter.num_classes
   fd_lambda = float(d.fd_lambda)
   mask_lambda = float(d.mask_lambda)
+  per_loss = bool(d.get("per_loss_backward", True))
   student = make_student_pass(models, config)
 
   def step(state, batch, rng):
@@ -240,9 +246,9 @@ def make_step(models: base.Models, config, tx, disc_tx=None):
     src = batch["source"]
     inputs = mixed_inputs(models, config, state, batch, k_inputs)
 
-    def loss_fn(params):
+    def source_pass(params, stats):
       total, metrics, stats, (feats, feat_images) = student(
-          params, state.batch_stats, src["image"], src["label"], None,
+          params, stats, src["image"], src["label"], None,
           labelled=True, key=k_src, prefix="ce")
       if fd_lambda > 0:
         mask = feature_distance.thing_class_mask(
@@ -253,21 +259,36 @@ def make_step(models: base.Models, config, tx, disc_tx=None):
             mask, lam=fd_lambda)
         metrics["feature_distance"] = fd
         total = total + fd
-      mix_loss, m, stats, _ = student(
-          params, stats, inputs["mixed_image"], inputs["mixed_label"],
-          inputs["mixed_weight"], labelled=False, key=k_mix, prefix="mix_ce")
-      metrics.update(m)
-      total = total + mix_loss
-      if mask_lambda > 0:
-        mask_loss, m, stats, _ = student(
-            params, stats, inputs["masked_image"], inputs["pseudo_label"],
-            inputs["pseudo_weight"], labelled=False, key=k_mask,
-            prefix="mask_ce")
-        metrics.update(m)
-        total = total + mask_lambda * mask_loss
       return total, (stats, metrics)
 
-    new_state, metrics = base.minimize(state, tx, loss_fn, frozen_regexes)
+    def mix_pass(params, stats):
+      loss, m, stats, _ = student(
+          params, stats, inputs["mixed_image"], inputs["mixed_label"],
+          inputs["mixed_weight"], labelled=False, key=k_mix, prefix="mix_ce")
+      return loss, (stats, m)
+
+    def mask_pass(params, stats):
+      loss, m, stats, _ = student(
+          params, stats, inputs["masked_image"], inputs["pseudo_label"],
+          inputs["pseudo_weight"], labelled=False, key=k_mask,
+          prefix="mask_ce")
+      return mask_lambda * loss, (stats, m)
+
+    passes = [source_pass, mix_pass] + ([mask_pass] if mask_lambda > 0
+                                        else [])
+    if per_loss:
+      new_state, metrics = base.minimize_per_loss(state, tx, passes,
+                                                  frozen_regexes)
+    else:
+      def loss_fn(params):
+        total, stats, metrics = 0.0, state.batch_stats, {}
+        for f in passes:
+          loss, (stats, m) = f(params, stats)
+          total = total + loss
+          metrics.update(m)
+        return total, (stats, metrics)
+
+      new_state, metrics = base.minimize(state, tx, loss_fn, frozen_regexes)
     teacher = teacher_lib.ema_update(state.teacher, new_state.params,
                                      new_state.step, alpha=float(d.ema_alpha))
     metrics["pseudo_weight"] = jnp.mean(inputs["pseudo_weight"])

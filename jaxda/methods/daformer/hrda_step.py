@@ -25,6 +25,7 @@ from jaxda import ops
 from jaxda.methods import base
 from jaxda import hrda_fusion
 from jaxda.models import hrda as hrda_model
+from jaxda.models import forward as forward_lib
 from jaxda.models import mit
 from jaxda.tasks import splits
 
@@ -99,7 +100,7 @@ def apply_views(models: base.Models, params, batch_stats, images, box, *,
   if use_batch:
     views, mutated = seg.apply(variables, images, box,
                                mutable=["batch_stats"], **kwargs)
-    return views, mutated["batch_stats"]
+    return views, forward_lib.running_stats(mutated["batch_stats"])
   return seg.apply(variables, images, box, **kwargs), batch_stats
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxda.methods.gam import matching as am
+from jaxda.models import forward as forward_lib
 
 STATS_KEY = "activation_stats"
 MATCH_MODES = ("none", "batch", "running")
@@ -205,7 +206,8 @@ class ActivationTaps:
         node = node[part]
       taps["raw"][key] = node["raw"][0]
       taps["matched"][key] = node["matched"][0]
-    new_model_stats = mutated.get("batch_stats", model_stats)
+    new_model_stats = forward_lib.running_stats(
+        mutated.get("batch_stats", model_stats))
     stats = dict(new_model_stats, **{STATS_KEY: act_stats}) if act_stats \
         else dict(new_model_stats)
     return outputs, taps, stats
