@@ -164,27 +164,29 @@ def minimize_per_loss(state, tx: optax.GradientTransformation, passes,
                       frozen: Sequence[str] = ()):
   """``minimize`` on the sum of ``passes``' losses, one backward per loss.
 
-  Each pass is ``f(params, batch_stats) -> (loss, (batch_stats, metrics))``;
-  the statistics chain from pass to pass. Their gradients are taken one
-  pass at a time and summed, with an ``optimization_barrier`` between, so a
-  pass's forward starts only after the previous backward ended and its
-  activations are freed: peak memory is one pass's activations, not all
-  of them (the original's ``loss.backward()`` per loss; summing the losses
-  first keeps every pass alive until the single backward).
+  Each pass is ``f(params, batch_stats, after) -> (loss, (batch_stats,
+  metrics))`` and must add the scalar ``after`` (0, or NaN where an earlier
+  gradient is) to its input images; the statistics chain from pass to pass.
+  ``after`` is ``0 * sum(earlier gradients)``, so a pass's forward depends
+  on every earlier backward having finished: one pass's activations are
+  alive at a time, not all of them (the original's ``loss.backward()`` per
+  loss). An ``optimization_barrier`` does not do this on XLA:CPU, which
+  drops it before scheduling; XLA never folds ``0 * x`` for floats.
 
   Returns:
     ``(new_state, metrics)``, as ``minimize`` (``loss`` is the sum).
   """
   params, stats = state.params, state.batch_stats
   grads, total, metrics = None, 0.0, {}
+  after = jnp.zeros((), jnp.float32)
   for f in passes:
-    (loss, (stats, m)), g = jax.value_and_grad(f, has_aux=True)(params, stats)
+    (loss, (stats, m)), g = jax.value_and_grad(f, has_aux=True)(
+        params, stats, after)
     grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     total = total + loss
     metrics.update(m)
-    # The next pass reads params/stats through the barrier, which waits
-    # for this pass's gradients.
-    grads, params, stats = jax.lax.optimization_barrier((grads, params, stats))
+    after = 0.0 * sum(jnp.sum(x.astype(jnp.float32))
+                      for x in jax.tree.leaves(grads))
   new_state = update_segmenter(state, tx, grads, stats)
   return new_state, dict(metrics, loss=total,
                         grad_norm=trainable_norm(grads, frozen))

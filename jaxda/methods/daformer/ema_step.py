@@ -246,9 +246,9 @@ def make_step(models: base.Models, config, tx, disc_tx=None):
     src = batch["source"]
     inputs = mixed_inputs(models, config, state, batch, k_inputs)
 
-    def source_pass(params, stats):
+    def source_pass(params, stats, after):
       total, metrics, stats, (feats, feat_images) = student(
-          params, stats, src["image"], src["label"], None,
+          params, stats, src["image"] + after, src["label"], None,
           labelled=True, key=k_src, prefix="ce")
       if fd_lambda > 0:
         mask = feature_distance.thing_class_mask(
@@ -261,17 +261,18 @@ def make_step(models: base.Models, config, tx, disc_tx=None):
         total = total + fd
       return total, (stats, metrics)
 
-    def mix_pass(params, stats):
+    def mix_pass(params, stats, after):
       loss, m, stats, _ = student(
-          params, stats, inputs["mixed_image"], inputs["mixed_label"],
-          inputs["mixed_weight"], labelled=False, key=k_mix, prefix="mix_ce")
+          params, stats, inputs["mixed_image"] + after,
+          inputs["mixed_label"], inputs["mixed_weight"], labelled=False,
+          key=k_mix, prefix="mix_ce")
       return loss, (stats, m)
 
-    def mask_pass(params, stats):
+    def mask_pass(params, stats, after):
       loss, m, stats, _ = student(
-          params, stats, inputs["masked_image"], inputs["pseudo_label"],
-          inputs["pseudo_weight"], labelled=False, key=k_mask,
-          prefix="mask_ce")
+          params, stats, inputs["masked_image"] + after,
+          inputs["pseudo_label"], inputs["pseudo_weight"], labelled=False,
+          key=k_mask, prefix="mask_ce")
       return mask_lambda * loss, (stats, m)
 
     passes = [source_pass, mix_pass] + ([mask_pass] if mask_lambda > 0
@@ -283,7 +284,7 @@ def make_step(models: base.Models, config, tx, disc_tx=None):
       def loss_fn(params):
         total, stats, metrics = 0.0, state.batch_stats, {}
         for f in passes:
-          loss, (stats, m) = f(params, stats)
+          loss, (stats, m) = f(params, stats, 0.0)
           total = total + loss
           metrics.update(m)
         return total, (stats, metrics)
