@@ -283,3 +283,61 @@ def test_mit_in_the_segmenter_registry():
     models.create_segmenter('mit_tiny', 7, multi_level=True)
   with pytest.raises(ValueError, match='aspp_branches_used=4'):
     models.create_segmenter('mit_tiny', 7, aspp_branches_used=2)
+
+
+def test_remat_mit_same_parameters_outputs_and_gradients():
+  """``remat`` (gated: each block recomputed once its output cotangent
+  exists) keeps the parameter tree, the outputs and the gradients."""
+  plain, remat = _tiny_mit(), _tiny_mit().clone(remat=True)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 32, 32, 3)),
+                  jnp.float32)
+  variables = _random_variables(plain, x)
+  assert (jax.tree.structure(jax.eval_shape(remat.init, jax.random.key(0),
+                                            x))
+          == jax.tree.structure(variables))
+
+  def loss(module, params):
+    return sum(jnp.sum(o * o) for o in module.apply({'params': params}, x))
+
+  want = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(
+      variables['params'])
+  got = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(
+      variables['params'])
+  # Float summation order differs: tolerance relative to each leaf's scale.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b)))), got, want)
+
+
+def test_gated_remat_with_rngs_redraws_the_forward_masks():
+  """With ``rngs`` the recomputation draws the forward's dropout masks:
+  value and gradients equal the plain block applied with that key."""
+  from jaxda.models.kernels import remat as remat_lib  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic):
+      y = nn.Dense(8)(x)
+      return x + nn.Dropout(0.5)(jnp.tanh(y), deterministic=deterministic)
+
+  class Gated(nn.Module):
+    @nn.compact
+    def __call__(self, x, key):
+      return remat_lib.gated_remat(Block(name='b'), x, False,
+                                   rngs={'dropout': key})
+
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 8)), jnp.float32)
+  key = jax.random.key(5)
+  params = Block().init(jax.random.key(0), x, True)['params']
+
+  def ref(p, x):
+    return jnp.sum(Block().apply({'params': p}, x, False,
+                                 rngs={'dropout': key}) ** 2)
+
+  def gated(p, x):
+    return jnp.sum(Gated().apply({'params': {'b': p}}, x, key) ** 2)
+
+  want = jax.value_and_grad(ref, argnums=(0, 1))(params, x)
+  got = jax.value_and_grad(gated, argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-6), got, want)

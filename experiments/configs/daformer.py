@@ -153,6 +153,9 @@ def _paper(c):
     d.hrda_attention_embed_dim = 256
     d.pseudo_margins = (30, 240, 30, 30)
     d.rcs_min_crop_ratio = 2.0
+    # Context + detail views of every pass: 24.6 GiB in float32 without
+    # recomputing the MiT blocks, over a 24 GB GPU (benchmarks/NOTES.md).
+    c.model.remat = True
 
 
 def _tiny(c):

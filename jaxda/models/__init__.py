@@ -133,12 +133,11 @@ def _create_mit_segmenter(name: str, num_classes: int, *,
   if multi_level:
     raise ValueError(f'{name} has a single output; set'
                      ' config.model.multi_level=False')
-  if aspp_branches_used != 4 or remat:
-    raise ValueError(f'{name} has no DeepLab ASPP early return or remat; set'
-                     ' config.model.aspp_branches_used=4 and'
-                     ' config.model.remat=False')
+  if aspp_branches_used != 4:
+    raise ValueError(f'{name} has no DeepLab ASPP early return; set'
+                     ' config.model.aspp_branches_used=4')
   return mit.MiTSegmenter(num_classes=num_classes, variant=name, dtype=dtype,
-                          **overrides)
+                          remat=remat, **overrides)
 
 
 def create_discriminator(ndf: int = 64) -> discriminator.FCDiscriminator:

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxda.models.kernels import remat as remat_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class MiTConfig:
@@ -181,11 +183,13 @@ class MiT(nn.Module):
   drop_path_rate: float = 0.1
   ln_eps: float = 1e-6
   dtype: Any = None
+  remat: bool = False  # recompute each block in the backward (memory)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True
                ) -> tuple[jax.Array, ...]:
     cfg = self.config
+
     total = sum(cfg.depths)
     rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
     outs = []
@@ -201,9 +205,16 @@ class MiT(nn.Module):
                        name=f'patch_embed{s + 1}_norm')(
                            x.reshape(b, h * w, dim))
       for j in range(depth):
-        t = MiTBlock(dim, cfg.num_heads[s], cfg.sr_ratios[s], cfg.mlp_ratio,
-                     rates[k], self.ln_eps, dtype=self.dtype,
-                     name=f'block{s + 1}_{j}')(t, (h, w), deterministic)
+        block = MiTBlock(dim, cfg.num_heads[s], cfg.sr_ratios[s],
+                         cfg.mlp_ratio, rates[k], self.ln_eps,
+                         dtype=self.dtype, name=f'block{s + 1}_{j}')
+        if self.remat:  # recomputed once its output cotangent exists
+          rngs = (None if deterministic or not rates[k]
+                  else {'dropout': self.make_rng('dropout')})
+          t = remat_lib.gated_remat(block, t, (h, w), deterministic,
+                                    rngs=rngs)
+        else:
+          t = block(t, (h, w), deterministic)
         k += 1
       t = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype,
                        name=f'norm{s + 1}')(t)
@@ -319,6 +330,7 @@ class DAFormer(nn.Module):
   attention_dim: int = 0  # head_att channels; 0: embed_dim
   attention_classes: int = 0  # head_att outputs; 0: num_classes (class-wise)
   dtype: Any = None
+  remat: bool = False  # MiT blocks recomputed in the backward
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train_bn: bool = False,
@@ -341,7 +353,8 @@ class DAFormer(nn.Module):
       `scale_attention` 'attention': (B, H/4, W/4, C) attention logits}.
     """
     feats = MiT(MIT_VARIANTS[self.variant], self.drop_path_rate, self.ln_eps,
-                dtype=self.dtype, name='encoder')(x, deterministic)
+                dtype=self.dtype, remat=self.remat, name='encoder')(
+                    x, deterministic)
     out = {'main': DAFormerHead(self.num_classes, self.embed_dim, 'aspp',
                                 self.dilations, self.dropout, dtype=self.dtype,
                                 name='head')(feats, train_bn, deterministic),

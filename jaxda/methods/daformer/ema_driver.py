@@ -140,7 +140,8 @@ def make_network(config, num_classes: int):
   return mit.DAFormer(num_classes=num_classes, variant=d.network,
                       embed_dim=int(d.decoder_dim),
                       drop_path_rate=float(d.drop_path_rate),
-                      dropout=float(d.dropout), dtype=dtype)
+                      dropout=float(d.dropout), dtype=dtype,
+                      remat=bool(config.model.get("remat", False)))
 
 
 def frozen_regexes(config) -> list[str]:

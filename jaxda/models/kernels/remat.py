@@ -53,7 +53,8 @@ def after(x: Any, *dependencies: Any) -> Any:
   return jax.tree.map(lambda a: a + token.astype(a.dtype), x)
 
 
-def gated_remat(block: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
+def gated_remat(block: nn.Module, x: jax.Array, *args: Any,
+                rngs: dict[str, jax.Array] | None = None) -> jax.Array:
   """`block(x, *args)`, rematerialised once the output cotangent arrives.
 
   Same value and gradients as `block(x, *args)` (with respect to `x` and the
@@ -64,6 +65,9 @@ def gated_remat(block: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
       compact method, as for a plain call); it must not mutate variables.
     x: the block input, the only differentiated argument.
     *args: hashable static arguments (e.g. Python bools) passed through.
+    rngs: keys of the block's random streams (e.g. DropPath's 'dropout');
+      the forward and the recomputation both run on them, so they draw the
+      same masks.
 
   Returns:
     The block output.
@@ -73,6 +77,8 @@ def gated_remat(block: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
   standalone = block.clone(parent=None, name=None)
 
   def call(module, inputs):
+    if rngs:
+      return standalone.apply(module.variables, inputs, *args, rngs=rngs)
     return module(inputs, *args)
 
   def forward(module, inputs):
@@ -85,7 +91,8 @@ def gated_remat(block: nn.Module, x: jax.Array, *args: Any) -> jax.Array:
     inputs = after(inputs, cotangent)
 
     def apply(params, inputs):
-      return standalone.apply({**variables, 'params': params}, inputs, *args)
+      return standalone.apply({**variables, 'params': params}, inputs, *args,
+                              rngs=rngs)
 
     _, vjp = jax.vjp(apply, variables['params'], inputs)
     params_grad, inputs_grad = vjp(cotangent)
