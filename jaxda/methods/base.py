@@ -21,6 +21,7 @@ from jaxda import losses
 from jaxda import models as models_lib
 from jaxda import optim
 from jaxda.models import forward as forward_lib
+from jaxda.models.kernels import remat as remat_lib
 from jaxda.types import StepFn
 
 # Re-exported: every step module builds on these (``jaxda.models.forward``).
@@ -165,13 +166,14 @@ def minimize_per_loss(state, tx: optax.GradientTransformation, passes,
   """``minimize`` on the sum of ``passes``' losses, one backward per loss.
 
   Each pass is ``f(params, batch_stats, after) -> (loss, (batch_stats,
-  metrics))`` and must add the scalar ``after`` (0, or NaN where an earlier
-  gradient is) to its input images; the statistics chain from pass to pass.
-  ``after`` is ``0 * sum(earlier gradients)``, so a pass's forward depends
-  on every earlier backward having finished: one pass's activations are
-  alive at a time, not all of them (the original's ``loss.backward()`` per
-  loss). An ``optimization_barrier`` does not do this on XLA:CPU, which
-  drops it before scheduling; XLA never folds ``0 * x`` for floats.
+  metrics))`` and must add the scalar ``after`` (0; not finite only where an
+  earlier gradient is not) to its input images; the statistics chain from pass to pass.
+  ``after`` is 0 made to depend on every earlier gradient
+  (``kernels.remat.after``), so a pass's forward starts only once every
+  earlier backward has finished: one pass's activations are alive at a
+  time, not all of them (the original's ``loss.backward()`` per loss). An
+  ``optimization_barrier`` does not do this on XLA:CPU, which drops it
+  before scheduling.
 
   Returns:
     ``(new_state, metrics)``, as ``minimize`` (``loss`` is the sum).
@@ -185,8 +187,7 @@ def minimize_per_loss(state, tx: optax.GradientTransformation, passes,
     grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     total = total + loss
     metrics.update(m)
-    after = 0.0 * sum(jnp.sum(x.astype(jnp.float32))
-                      for x in jax.tree.leaves(grads))
+    after = remat_lib.after(jnp.zeros((), jnp.float32), grads)
   new_state = update_segmenter(state, tx, grads, stats)
   return new_state, dict(metrics, loss=total,
                         grad_norm=trainable_norm(grads, frozen))
