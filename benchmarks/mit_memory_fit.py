@@ -102,6 +102,26 @@ def summarize(spec: str, entry: dict[str, Any], budget_gib: float) -> None:
         flush=True)
 
 
+def _full(args) -> int:
+  """Compiles every step of ``args.methods`` at its real MiT depths."""
+  from experiments import results_files  # pylint: disable=g-import-not-at-top
+  from jaxda.models import mit  # pylint: disable=g-import-not-at-top
+  path = os.path.join(args.out, "mit_memory_full.json")
+  report: dict[str, Any] = {"provenance": results_files.provenance(),
+                            "budget_gib": args.budget_gib, "steps": {}}
+  gib = 2.0 ** 30
+  for spec in args.methods.split(","):
+    point = step_bytes(spec, mit.MIT_VARIANTS[_network(spec)].depths)
+    point["gib"] = round(point["total_bytes"] / gib, 3)
+    point["fits_budget"] = bool(point["total_bytes"] <= args.budget_gib * gib)
+    report["steps"][spec] = point
+    print(f"{spec} at {tuple(point['depths'])}: {point['gib']:.2f} GiB"
+          f" (compile {point['compile_s']} s)", flush=True)
+    with open(path, "w") as f:
+      json.dump(report, f, indent=2)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--methods", default="mic:hrda,daformer")
@@ -111,9 +131,16 @@ def main(argv=None) -> int:
   parser.add_argument("--fit_only", action="store_true",
                       help="compile nothing: fit the points already in"
                       " DIR/mit_memory_fit.json (e.g. of a stopped run)")
+  parser.add_argument("--full", action="store_true",
+                      help="no fit: compile each step at its network's real"
+                      " depths (slow; for steps whose memory is not affine"
+                      " in the depths, e.g. with model.remat) into"
+                      " DIR/mit_memory_full.json")
   args = parser.parse_args(argv)
   from experiments import results_files  # pylint: disable=g-import-not-at-top
   os.makedirs(args.out, exist_ok=True)
+  if args.full:
+    return _full(args)
   path = os.path.join(args.out, "mit_memory_fit.json")
   if args.fit_only:
     with open(path) as f:
