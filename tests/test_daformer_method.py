@@ -68,20 +68,28 @@ def _batch(seed=0):
           "target": {"image": rng.normal(size=(B, H, W, 3)).astype(np.float32)}}
 
 
-@pytest.fixture(scope="module")
-def tiny_run():
-  """A jitted MIC step on the tiny segmenter and four steps of it (no
-  colour jitter / blur: 3.5 s less to compile; the debug-grid test runs
-  them)."""
-  config = _config(color_jitter_strength=0.0, blur=False)
-  models = base.Models(_TinySegmenter())
+def _setup(per_loss=True, size=H, **segmenter):
+  """``(config, models, tx, state)`` of a MIC step on the tiny segmenter
+  at ``size``² (no colour jitter / blur: 3.5 s less to compile)."""
+  config = _config(color_jitter_strength=0.0, blur=False,
+                   per_loss_backward=per_loss)
+  config.data.height = config.data.width = size
+  models = base.Models(_TinySegmenter(**segmenter))
   variables = jax.jit(models.segmenter.init)(jax.random.key(0),
-                                             jnp.zeros((1, H, W, 3)))
+                                             jnp.zeros((1, size, size, 3)))
   tx = optax.adam(1e-2)
   state = ema_driver.TeacherTrainState.create(
       params=variables["params"], batch_stats=variables["batch_stats"],
       tx=tx)
-  state = state.replace(teacher=jax.tree.map(jnp.copy, state.params))
+  return config, models, tx, state.replace(
+      teacher=jax.tree.map(jnp.copy, state.params))
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+  """A jitted MIC step on the tiny segmenter and four steps of it (the
+  debug-grid test runs them)."""
+  config, models, tx, state = _setup()
   step = jax.jit(ema_step.make_step(models, config, tx))
   history = [(jax.device_get(state.params), jax.device_get(state.teacher))]
   metrics = []
@@ -126,30 +134,15 @@ def test_teacher_follows_the_ema_of_a_numpy_reference(tiny_run):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _step_inputs(per_loss, size=H, **segmenter):
-  config = _config(color_jitter_strength=0.0, blur=False,
-                   per_loss_backward=per_loss)
-  config.data.height = config.data.width = size
-  models = base.Models(_TinySegmenter(**segmenter))
-  variables = models.segmenter.init(jax.random.key(0),
-                                    jnp.zeros((1, size, size, 3)))
-  tx = optax.adam(1e-2)
-  state = ema_driver.TeacherTrainState.create(
-      params=variables["params"], batch_stats=variables["batch_stats"],
-      tx=tx)
-  state = state.replace(teacher=jax.tree.map(jnp.copy, state.params))
-  return ema_step.make_step(models, config, tx), state
-
-
 def test_per_loss_backward_equals_the_summed_loss(tiny_run):
   """One backward per loss (the default) gives the summed loss's update:
   the same gradients, statistics chained through the passes."""
-  step, state = _step_inputs(per_loss=False)
-  state = state.replace(params=tiny_run["history"][0][0])
+  config, models, tx, state = _setup(per_loss=False)
+  summed = jax.jit(ema_step.make_step(models, config, tx))
   per_loss = jax.jit(ema_step.make_step(
       tiny_run["models"], tiny_run["config"], optax.adam(1e-2)))
   a, ma = per_loss(state, _batch(7), jax.random.key(7))
-  b, mb = jax.jit(step)(state, _batch(7), jax.random.key(7))
+  b, mb = summed(state, _batch(7), jax.random.key(7))
   for key in ("loss", "ce_main", "mix_ce_main", "mask_ce_main", "grad_norm"):
     np.testing.assert_allclose(ma[key], mb[key], rtol=1e-5, err_msg=key)
   for got, want in zip(jax.tree.leaves((a.params, a.batch_stats, a.teacher)),
@@ -166,8 +159,9 @@ def test_per_loss_backward_holds_one_pass_alive():
            "target": {"image": jnp.zeros((B, size, size, 3))}}
   temp = {}
   for per_loss in (True, False):
-    step, state = _step_inputs(per_loss, size, width=16, depth=8)
-    compiled = jax.jit(step).lower(state, batch, jax.random.key(0)).compile()
+    config, models, tx, state = _setup(per_loss, size, width=16, depth=8)
+    step = jax.jit(ema_step.make_step(models, config, tx))
+    compiled = step.lower(state, batch, jax.random.key(0)).compile()
     temp[per_loss] = compiled.memory_analysis().temp_size_in_bytes
   # Three passes alive at once -> one: about 1/3 (measured 0.35).
   assert temp[True] < 0.6 * temp[False], temp

@@ -261,22 +261,21 @@ def make_step(models: base.Models, config, tx, disc_tx=None):
         total = total + fd
       return total, (stats, metrics)
 
-    def mix_pass(params, stats, after):
-      loss, m, stats, _ = student(
-          params, stats, inputs["mixed_image"] + after,
-          inputs["mixed_label"], inputs["mixed_weight"], labelled=False,
-          key=k_mix, prefix="mix_ce")
-      return loss, (stats, m)
+    def target_pass(image, label, weight, key, prefix, scale=1.0):
+      """``scale`` x the student's weighted CE on ``inputs[image]``."""
+      def f(params, stats, after):
+        loss, m, stats, _ = student(
+            params, stats, inputs[image] + after, inputs[label],
+            inputs[weight], labelled=False, key=key, prefix=prefix)
+        return scale * loss, (stats, m)
+      return f
 
-    def mask_pass(params, stats, after):
-      loss, m, stats, _ = student(
-          params, stats, inputs["masked_image"] + after,
-          inputs["pseudo_label"], inputs["pseudo_weight"], labelled=False,
-          key=k_mask, prefix="mask_ce")
-      return mask_lambda * loss, (stats, m)
-
-    passes = [source_pass, mix_pass] + ([mask_pass] if mask_lambda > 0
-                                        else [])
+    passes = [source_pass, target_pass("mixed_image", "mixed_label",
+                                       "mixed_weight", k_mix, "mix_ce")]
+    if mask_lambda > 0:  # MIC: towards the full image's pseudo labels
+      passes.append(target_pass("masked_image", "pseudo_label",
+                                "pseudo_weight", k_mask, "mask_ce",
+                                mask_lambda))
     if per_loss:
       new_state, metrics = base.minimize_per_loss(state, tx, passes,
                                                   frozen_regexes)
