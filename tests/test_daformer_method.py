@@ -59,13 +59,14 @@ def _config(variant="tiny,mic", **daformer):
   return c
 
 
-def _batch(seed=0):
+def _batch(seed=0, size=H):
   rng = np.random.default_rng(seed)
-  label = rng.integers(0, NUM_CLASSES, (B, H, W)).astype(np.int32)
+  shape = (B, size, size)
+  label = rng.integers(0, NUM_CLASSES, shape).astype(np.int32)
   label[:, :2] = 255
-  return {"source": {"image": rng.normal(size=(B, H, W, 3)).astype(np.float32),
+  return {"source": {"image": rng.normal(size=shape + (3,)).astype(np.float32),
                      "label": label},
-          "target": {"image": rng.normal(size=(B, H, W, 3)).astype(np.float32)}}
+          "target": {"image": rng.normal(size=shape + (3,)).astype(np.float32)}}
 
 
 def _setup(per_loss=True, size=H, **segmenter):
@@ -134,35 +135,28 @@ def test_teacher_follows_the_ema_of_a_numpy_reference(tiny_run):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_per_loss_backward_equals_the_summed_loss(tiny_run):
-  """One backward per loss (the default) gives the summed loss's update:
-  the same gradients, statistics chained through the passes."""
-  config, models, tx, state = _setup(per_loss=False)
-  summed = jax.jit(ema_step.make_step(models, config, tx))
-  per_loss = jax.jit(ema_step.make_step(
-      tiny_run["models"], tiny_run["config"], optax.adam(1e-2)))
-  a, ma = per_loss(state, _batch(7), jax.random.key(7))
-  b, mb = summed(state, _batch(7), jax.random.key(7))
+def test_per_loss_backward_equals_the_summed_loss_in_less_memory():
+  """One backward per loss (the default) gives the summed loss's update
+  (the same gradients, statistics chained through the passes) while the
+  compiled step's scratch memory drops: the source, mixed and masked
+  passes' activations are not all alive at one backward."""
+  size = 32  # 8 layers of 16 channels: activations dominate the scratch
+  batch = _batch(7, size)
+  temp, out = {}, {}
+  for per_loss in (True, False):
+    config, models, tx, state = _setup(per_loss, size, width=16, depth=8)
+    step = jax.jit(ema_step.make_step(models, config, tx))
+    compiled = step.lower(state, batch, jax.random.key(7)).compile()
+    temp[per_loss] = compiled.memory_analysis().temp_size_in_bytes
+    out[per_loss] = jax.device_get(compiled(state, batch, jax.random.key(7)))
+  (a, ma), (b, mb) = out[True], out[False]
+  assert mb["pseudo_weight"] > 0  # the target passes train
   for key in ("loss", "ce_main", "mix_ce_main", "mask_ce_main", "grad_norm"):
     np.testing.assert_allclose(ma[key], mb[key], rtol=1e-5, err_msg=key)
   for got, want in zip(jax.tree.leaves((a.params, a.batch_stats, a.teacher)),
                        jax.tree.leaves((b.params, b.batch_stats, b.teacher))):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-
-
-def test_per_loss_backward_holds_one_pass_alive():
-  """The compiled step's scratch memory drops: the source, mixed and
-  masked passes' activations are not all alive at the single backward."""
-  size = 32  # 8 layers of 16 channels: activations dominate the scratch
-  batch = {"source": {"image": jnp.zeros((B, size, size, 3)),
-                      "label": jnp.zeros((B, size, size), jnp.int32)},
-           "target": {"image": jnp.zeros((B, size, size, 3))}}
-  temp = {}
-  for per_loss in (True, False):
-    config, models, tx, state = _setup(per_loss, size, width=16, depth=8)
-    step = jax.jit(ema_step.make_step(models, config, tx))
-    compiled = step.lower(state, batch, jax.random.key(0)).compile()
-    temp[per_loss] = compiled.memory_analysis().temp_size_in_bytes
+    np.testing.assert_allclose(got, want, rtol=1e-5,
+                               atol=1e-6 * float(np.max(np.abs(want))))
   # Three passes alive at once -> one: about 1/3 (measured 0.35).
   assert temp[True] < 0.6 * temp[False], temp
 

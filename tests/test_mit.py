@@ -285,6 +285,8 @@ def test_mit_in_the_segmenter_registry():
     models.create_segmenter('mit_tiny', 7, aspp_branches_used=2)
 
 
+@pytest.mark.slow  # two MiT gradient compiles, 12 s of CI; the gated remat
+# itself (and with rngs) is tested in CI below and in test_performance_switches
 def test_remat_mit_same_parameters_outputs_and_gradients():
   """``remat`` (gated: each block recomputed once its output cotangent
   exists) keeps the parameter tree, the outputs and the gradients."""
