@@ -178,6 +178,9 @@ class MiT(nn.Module):
       original MiT; the transformers port uses 1e-5). Patch-embedding and SR
       norms always use 1e-5.
     dtype: compute dtype (None: float32).
+    remat: recompute each block in the backward from its input, once the
+      block's output cotangent exists (`kernels.remat.gated_remat`; DropPath
+      redraws the forward's masks): one block's activations alive at a time.
   """
   config: MiTConfig = MiTConfig()
   drop_path_rate: float = 0.1
@@ -189,7 +192,6 @@ class MiT(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool = True
                ) -> tuple[jax.Array, ...]:
     cfg = self.config
-
     total = sum(cfg.depths)
     rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
     outs = []
