@@ -167,7 +167,8 @@ def minimize_per_loss(state, tx: optax.GradientTransformation, passes,
 
   Each pass is ``f(params, batch_stats, after) -> (loss, (batch_stats,
   metrics))`` and must add the scalar ``after`` (0; not finite only where an
-  earlier gradient is not) to its input images; the statistics chain from pass to pass.
+  earlier gradient is not) to its input images; the statistics chain from
+  pass to pass.
   ``after`` is 0 made to depend on every earlier gradient
   (``kernels.remat.after``), so a pass's forward starts only once every
   earlier backward has finished: one pass's activations are alive at a
