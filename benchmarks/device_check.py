@@ -20,6 +20,11 @@ section that fails records its error and the rest still run):
    in-memory batcher plus augmentation) vs the step's images/s.
 6. ``main_job``: ``--main-steps`` (200; smoke: 4) steps of the AdaptSegNet
    entry point, wall time and steps/s.
+7. ``mit_paper_memory`` (last; not under ``--smoke``): the HRDA and
+   MIC(HRDA) paper steps (MiT-B5, real depths, per-loss backward, MiT
+   remat) compiled for this device, XLA's buffer assignment against the
+   papers' 24 GB (issue 27: XLA:CPU did not finish this compile in 34 min;
+   `benchmarks.mit_memory_fit --full` is the same measurement).
 
 Not here yet: the PyTorch reference on the same device
 (`benchmarks.train_step_bench` runs it on the CPU only); the result says so.
@@ -71,8 +76,7 @@ def machine() -> dict:
 
 
 def lowering(args) -> dict:
-  platform = {"gpu": "cuda"}.get(jax.default_backend(),
-                                 jax.default_backend())
+  platform = lower_steps.running_platform()
   return lower_steps.lower_method(METHOD, (platform, "cuda", "tpu"),
                                   tiny=args.smoke, height=32, width=64)
 
@@ -169,6 +173,23 @@ def main_job(args) -> dict:
           steps / wall, "stderr_tail": proc.stderr[-2000:]}
 
 
+def mit_paper_memory(args, budget_gib: float = 24.0) -> dict:
+  """Per MiT-B5 HRDA paper step: bytes of one device while it runs."""
+  if args.smoke:
+    return {"skipped": "a MiT-B5 paper-size compile; not under --smoke"}
+  from benchmarks import mit_memory_fit  # pylint: disable=g-import-not-at-top
+  from jaxda.models import mit  # pylint: disable=g-import-not-at-top
+  steps = {}
+  for spec in ("daformer:hrda", "mic:hrda"):  # mit_memory_fit's specs
+    depths = mit.MIT_VARIANTS[mit_memory_fit._network(spec)].depths  # pylint: disable=protected-access
+    point = mit_memory_fit.step_bytes(spec, depths)
+    point["gib"] = round(point["total_bytes"] / 2.0 ** 30, 3)
+    point["fits_budget"] = point["gib"] <= budget_gib
+    steps[spec] = point
+    _log(f"{spec}: {point['gib']} GiB (compile {point['compile_s']} s)")
+  return {"budget_gib": budget_gib, "steps": steps}
+
+
 def run(args) -> dict:
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "device_check.json")
@@ -205,6 +226,7 @@ def run(args) -> dict:
   section("pseudo_labels", pseudo_labels, args)
   section("input_pipeline", input_pipeline, args, rate)
   section("main_job", main_job, args)
+  section("mit_paper_memory", mit_paper_memory, args)
   report["complete"] = True
   with open(path, "w") as f:
     json.dump(report, f, indent=1, default=str)

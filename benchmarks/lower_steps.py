@@ -191,7 +191,8 @@ def lower_method(name: str, platforms, *, tiny: bool, height: int,
                  memory: bool = False) -> dict[str, dict]:
   """``{name[:phase]: {platform: result}}`` for one registry entry; with
   ``variant``, ``{name:variant: ...}`` of its first phase. With ``memory``,
-  the cpu lowering is compiled and its ``memory_analysis()`` recorded."""
+  the lowering for the platform that runs (``running_platform()``) is
+  compiled and its ``memory_analysis()`` recorded."""
   from jaxda import parallel  # pylint: disable=g-import-not-at-top
   from jaxda.methods import METHODS  # pylint: disable=g-import-not-at-top
   method = METHODS[name]
@@ -231,7 +232,7 @@ def lower_method(name: str, platforms, *, tiny: bool, height: int,
         lowered = traced.lower(lowering_platforms=(platform,))
         out[key][platform] = {"ok": True, "error": "",
                               **count_ops(lowered.as_text())}
-        if memory and platform == "cpu":
+        if memory and platform == running_platform():
           out[key][platform].update(
               compiled_memory(lowered, config, batch))
       except Exception as e:  # pylint: disable=broad-except
@@ -240,8 +241,13 @@ def lower_method(name: str, platforms, *, tiny: bool, height: int,
   return out
 
 
+def running_platform() -> str:
+  """The lowering platform of this process's backend ('cpu', 'cuda', ...)."""
+  return {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+
+
 def compiled_memory(lowered, config, batch) -> dict[str, Any]:
-  """XLA:CPU's buffer assignment of the compiled step: argument / output /
+  """XLA's buffer assignment of the compiled step (on this backend): argument / output /
   temporary / donated-alias bytes and their total (what one device holds
   while the step runs), the compile time, and the sizes it was built at."""
   from jaxda import parallel  # pylint: disable=g-import-not-at-top
@@ -298,8 +304,8 @@ def main(argv=None) -> int:
   parser.add_argument("--paper_size", action="store_true",
                       help="the preset's own crop and batch, one device")
   parser.add_argument("--memory", action="store_true",
-                      help="compile the cpu lowering; record its memory"
-                      " analysis in lowering.json")
+                      help="compile the lowering for this backend; record its"
+                      " memory analysis in lowering.json")
   args = parser.parse_args(argv)
   from jaxda.methods import METHODS  # pylint: disable=g-import-not-at-top
   platforms = tuple(p for p in args.platforms.split(",") if p)

@@ -56,8 +56,9 @@ def _network(spec: str) -> str:
 
 
 def step_bytes(spec: str, depths: tuple[int, ...]) -> dict[str, Any]:
-  """The cpu memory analysis of ``spec``'s paper-size step with the MiT
-  stage depths replaced by ``depths``."""
+  """The memory analysis of ``spec``'s paper-size step with the MiT stage
+  depths replaced by ``depths``, compiled for this process's backend (the
+  CPU here; the GPU's own buffer assignment under benchmarks.device_check)."""
   from benchmarks import lower_steps  # pylint: disable=g-import-not-at-top
   from jaxda.models import mit  # pylint: disable=g-import-not-at-top
   name, _, variant = spec.partition(":")
@@ -65,15 +66,16 @@ def step_bytes(spec: str, depths: tuple[int, ...]) -> dict[str, Any]:
   shallow = dataclasses.replace(mit.MIT_VARIANTS[network],
                                 depths=tuple(depths))
   with mock.patch.dict(mit.MIT_VARIANTS, {network: shallow}):
-    out = lower_steps.lower_method(name, ("cpu",), tiny=False, height=0,
+    platform = lower_steps.running_platform()
+    out = lower_steps.lower_method(name, (platform,), tiny=False, height=0,
                                    width=0, variant=variant,
                                    paper_size=True, memory=True)
-  result = next(iter(out.values()))["cpu"]  # the variant's first phase
+  result = next(iter(out.values()))[platform]  # the variant's first phase
   if not result["ok"]:
     raise RuntimeError(f"{spec} {depths}: {result['error']}")
   return {"depths": list(depths), "total_bytes": result["total_bytes"],
           "compile_s": result["compile_s"], "network": network,
-          "images": result["images"]}
+          "images": result["images"], "platform": platform}
 
 
 def summarize(spec: str, entry: dict[str, Any], budget_gib: float) -> None:
