@@ -23,8 +23,9 @@ section that fails records its error and the rest still run):
 7. ``mit_paper_memory`` (last; not under ``--smoke``): the HRDA and
    MIC(HRDA) paper steps (MiT-B5, real depths, per-loss backward, MiT
    remat) compiled for this device, XLA's buffer assignment against the
-   papers' 24 GB (issue 27: XLA:CPU did not finish this compile in 34 min;
-   `benchmarks.mit_memory_fit --full` is the same measurement).
+   papers' 24 GB (issue 27: on XLA:CPU the HRDA compile took 62 min and
+   MIC(HRDA)'s ran out of host memory; `benchmarks.mit_memory_fit --full`
+   is the same measurement).
 
 Not here yet: the PyTorch reference on the same device
 (`benchmarks.train_step_bench` runs it on the CPU only); the result says so.
@@ -178,13 +179,9 @@ def mit_paper_memory(args, budget_gib: float = 24.0) -> dict:
   if args.smoke:
     return {"skipped": "a MiT-B5 paper-size compile; not under --smoke"}
   from benchmarks import mit_memory_fit  # pylint: disable=g-import-not-at-top
-  from jaxda.models import mit  # pylint: disable=g-import-not-at-top
   steps = {}
   for spec in ("daformer:hrda", "mic:hrda"):  # mit_memory_fit's specs
-    depths = mit.MIT_VARIANTS[mit_memory_fit._network(spec)].depths  # pylint: disable=protected-access
-    point = mit_memory_fit.step_bytes(spec, depths)
-    point["gib"] = round(point["total_bytes"] / 2.0 ** 30, 3)
-    point["fits_budget"] = point["gib"] <= budget_gib
+    point = mit_memory_fit.full_point(spec, budget_gib)
     steps[spec] = point
     _log(f"{spec}: {point['gib']} GiB (compile {point['compile_s']} s)")
   return {"budget_gib": budget_gib, "steps": steps}

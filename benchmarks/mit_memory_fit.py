@@ -104,18 +104,26 @@ def summarize(spec: str, entry: dict[str, Any], budget_gib: float) -> None:
         flush=True)
 
 
+def full_point(spec: str, budget_gib: float) -> dict[str, Any]:
+  """``step_bytes`` of ``spec`` at its network's real MiT depths, with its
+  GiB and whether it fits ``budget_gib`` (for steps not affine in the
+  depths, e.g. with model.remat; also the device check's last section)."""
+  from jaxda.models import mit  # pylint: disable=g-import-not-at-top
+  point = step_bytes(spec, mit.MIT_VARIANTS[_network(spec)].depths)
+  gib = 2.0 ** 30
+  point["gib"] = round(point["total_bytes"] / gib, 3)
+  point["fits_budget"] = bool(point["total_bytes"] <= budget_gib * gib)
+  return point
+
+
 def _full(args) -> int:
   """Compiles every step of ``args.methods`` at its real MiT depths."""
   from experiments import results_files  # pylint: disable=g-import-not-at-top
-  from jaxda.models import mit  # pylint: disable=g-import-not-at-top
   path = os.path.join(args.out, "mit_memory_full.json")
   report: dict[str, Any] = {"provenance": results_files.provenance(),
                             "budget_gib": args.budget_gib, "steps": {}}
-  gib = 2.0 ** 30
   for spec in args.methods.split(","):
-    point = step_bytes(spec, mit.MIT_VARIANTS[_network(spec)].depths)
-    point["gib"] = round(point["total_bytes"] / gib, 3)
-    point["fits_budget"] = bool(point["total_bytes"] <= args.budget_gib * gib)
+    point = full_point(spec, args.budget_gib)
     report["steps"][spec] = point
     print(f"{spec} at {tuple(point['depths'])}: {point['gib']:.2f} GiB"
           f" (compile {point['compile_s']} s)", flush=True)
