@@ -16,13 +16,16 @@ method on those target shifts. Extra ``--override key=value`` pairs apply to
 every run (e.g. ``--override num_steps=600``); ``--only_finished`` tables
 the finished runs and trains nothing. Runs are compared by target
 mIoU (segmentation), accuracy (classification) or depth δ<1.25 (anchor
-tasks).
+tasks). A user mistake (unknown method, bad override, bad config, a linked
+base run with no checkpoint) ends in one line naming the run and exit code
+2; finished runs stay and are reused on the next call.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -73,11 +76,20 @@ def table_metrics(target: dict, method: str) -> dict[str, float]:
   return fn(target) if fn is not None else {}
 
 
+class _RunError(Exception):
+  """A user error in one run, with the run's name (printed in one line)."""
+
+
 def _load_config(spec: str):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from experiments import main  # pylint: disable=g-import-not-at-top
   name, _, variant = spec.partition(":")
   variant = variant.replace("+", ",")  # --methods is itself comma-separated
+  if not os.path.exists(main.config_path(name)):
+    known = sorted(f[:-3] for f in os.listdir(os.path.dirname(
+        main.config_path(name))) if f.endswith(".py") and f[0] != "_" and "common" not in f)
+    raise _RunError(f"unknown method '{name}' in --methods; known:"
+                    f" {', '.join(known)}")
   module = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
       f"{name}_config", main.config_path(name))
   return name, module.get_config(variant)
@@ -87,11 +99,34 @@ def _apply_override(config, item: str) -> None:
   key, _, value = item.partition("=")
   *parents, leaf = key.split(".")
   node = config
-  for p in parents:
-    node = node[p]
-  old = node[leaf]
-  node[leaf] = type(old)(value) if not isinstance(old, bool) else (
-      value.lower() in ("1", "true", "yes"))
+  try:
+    for p in parents:
+      node = node[p]
+    old = node[leaf]
+    node[leaf] = type(old)(value) if not isinstance(old, bool) else (
+        value.lower() in ("1", "true", "yes"))
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    why = " ".join(str(e.args[0] if e.args else e).split())
+    if isinstance(e, (KeyError, AttributeError)):
+      why = f"no config key {key!r}" + (
+          "; did you mean " + why.split("Did you mean ")[1].split()[0]
+          if "Did you mean " in why else "")
+    raise _RunError(f"bad --override {item!r} ({why}); keys and types are"
+                    " those of experiments/configs/*.py") from None
+
+
+def _user_errors():
+  from experiments import main  # pylint: disable=g-import-not-at-top
+  return main.user_errors()
+
+
+def _train(config, workdir: str) -> dict:
+  """The entry points' path: config checks first (one-line errors before
+  anything trains), then the method's driver or the loop."""
+  from jaxda import methods  # pylint: disable=g-import-not-at-top
+  from jaxda.train import loop  # pylint: disable=g-import-not-at-top
+  loop.validate_config(config, methods.get_method(config.method))
+  return methods.train_and_evaluate(config, workdir)
 
 
 def _run_one(spec: str, seed: str, shift: str | None):
@@ -112,9 +147,10 @@ def _run_one(spec: str, seed: str, shift: str | None):
   base_name = (config.self_training.get("base_method", _BASE_CONFIG)
                if "self_training" in config else _BASE_CONFIG)
   base_dir = os.path.join(_OUT.value, f"{base_name}{where}_seed{seed}")
-  if (methods.get_method(config.method).warm_starts_from_source_only
-      and not config.model.init_checkpoint
-      and base_name in _METHODS.value):
+  linked_base = (methods.get_method(config.method).warm_starts_from_source_only
+                 and not config.model.init_checkpoint
+                 and base_name in _METHODS.value)
+  if linked_base:
     # It starts from the base method's run of the same seed (its default
     # config is the recipe the driver would otherwise train itself: 1200
     # steps, lr 0.02 poly, for source-only and AdaptSegNet alike).
@@ -132,7 +168,17 @@ def _run_one(spec: str, seed: str, shift: str | None):
     # is not the code it ran).
     started = results_files.provenance()
     t0 = time.time()
-    summary = methods.train_and_evaluate(config, workdir)
+    try:
+      summary = _train(config, workdir)
+    except _user_errors() as e:
+      hint = ""
+      if linked_base and "checkpoint" in str(e):
+        hint = (f" ({label} warm-starts from the {base_name} run of seed"
+                f" {seed}, {base_dir}; a committed results directory keeps"
+                " summaries, not checkpoints: move that run away to retrain"
+                " it, or pass --override model.init_checkpoint=PATH)")
+      raise _RunError(f"{label}{where.replace('_', ' on ')} seed {seed}:"
+                      f" {e}{hint}") from None
     # The whole run's time (a driver's base model and rounds included).
     with open(provenance_path, "w") as f:
       json.dump({**started, "wall_time_s": round(time.time() - t0, 2)}, f,
@@ -161,7 +207,12 @@ def _main(argv):
   shifts = _SHIFTS.value or [None]
   runs = [(spec, seed, shift) for shift in shifts
           for spec in _METHODS.value for seed in _SEEDS.value]
-  rows = [_run_one(*run) for run in runs]
+  try:
+    rows = [_run_one(*run) for run in runs]
+  except _RunError as e:
+    # Finished runs stay on disk; rerunning the command reuses them.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   missing = [run for run, row in zip(runs, rows) if row is None]
   if missing:
     print("not run (--only_finished): " + ", ".join(

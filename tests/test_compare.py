@@ -167,3 +167,49 @@ def test_only_finished_trains_nothing_and_adapted_base_starts_from_adaptsegnet(
         ("adaptsegnet", 0), ("tpld-adapted_base", 0)]
   finally:
     flags.FLAGS.unparse_flags()
+
+
+def test_user_errors_are_one_line_and_keep_finished_runs(
+    tmp_path, shared_data_cache, monkeypatch, capsys):
+  """A base run kept as a summary without a checkpoint (a committed results
+  directory), a bad override and an unknown method end in one line naming
+  the run and the fix, exit code 2, and the finished run stays."""
+  from jaxda import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxda import methods  # pylint: disable=g-import-not-at-top
+
+  def fake(config, workdir):
+    if config.model.init_checkpoint:
+      raise checkpoint.CheckpointError(
+          f"no readable checkpoint in {config.model.init_checkpoint}")
+    return _fake_train(config, workdir)
+
+  monkeypatch.setattr(methods, "train_and_evaluate", fake)
+  out = str(tmp_path / "bench")
+  common = [f"--out={out}", "--seeds=0", "--override=num_steps=2",
+            f"--override=source.data_dir={shared_data_cache}",
+            f"--override=target.data_dir={shared_data_cache}"]
+  cases = [
+      (["--methods=source_only,tpld"], "tpld seed 0: no readable checkpoint",
+       "--override model.init_checkpoint=PATH"),
+      (["--methods=source_only", "--override=num_stepz=3"],
+       "bad --override 'num_stepz=3'", 'did you mean "num_steps"'),
+      (["--methods=source_only,tpldx"], "unknown method 'tpldx'", ", tpld"),
+      (["--methods=oracle", "--override=num_steps=0"],
+       "oracle seed 0: config.num_steps must be >= 1", ""),
+  ]
+  try:
+    for extra, what, fix in cases:
+      argv = ["compare", *common, *extra]
+      flags.FLAGS.unparse_flags()
+      flags.FLAGS(argv)
+      with pytest.raises(SystemExit) as exit_info:
+        compare._main(argv)
+      assert exit_info.value.code == 2
+      err = capsys.readouterr().err.strip().splitlines()
+      assert len(err) == 1 and err[0].startswith("error: "), err
+      assert what in err[0] and fix in err[0], err[0]
+      # The source-only run of the first case finished and is kept.
+      assert os.path.exists(os.path.join(out, "source_only_seed0",
+                                         "summary.json"))
+  finally:
+    flags.FLAGS.unparse_flags()
