@@ -23,7 +23,9 @@ voting, no phase 2; CBST with plain CE, CRST with MRKLD; with ``paper`` 3
 rounds as CRST's NUM_ROUNDS = 4), ``synthia``, ``adapted_base`` (the rounds
 start from an AdaptSegNet model trained with the base recipe, not a
 source-only one: later self-training papers' practice; the base run goes to
-``workdir/base_adaptsegnet``).
+``workdir/base_adaptsegnet``), ``phase1_only`` (every round a voting
+round, no easy/hard phase 2), ``steady_portion`` (the CBST portion stays at
+its round-0 value).
 
 ``paper`` rounds are 505 steps: 2 epochs over CRST's 505-image target list
 (ClsConfSet) at batch 2; with ``model.init_checkpoint`` unset the source
@@ -208,6 +210,20 @@ def _adapted_base(c):
   c.self_training.base_method = "adaptsegnet"
 
 
+def _phase1_only(c):
+  # Every round a voting round, the same total steps (README: where phase 2
+  # gives the rounds' gain back).
+  st = c.self_training
+  st.phase1_rounds += st.phase2_rounds
+  st.phase2_rounds = 0
+
+
+def _steady_portion(c):
+  # The portion stays at round 0's (README: label precision falls as the
+  # portion grows).
+  c.self_training.portion_step = 0.0
+
+
 _ADAPTED_BASE = common.Variant(
     _adapted_base, "rounds start from an AdaptSegNet base model (later"
     " self-training papers' practice) instead of source-only")
@@ -225,6 +241,12 @@ VARIANTS = {
                            common.METHOD, conflicts=("cbst",)),
     "synthia": common.Variant(_synthia, common.SYNTHIA.doc),
     "adapted_base": _ADAPTED_BASE,
+    "phase1_only": common.Variant(
+        _phase1_only, "every round is a phase-1 voting round (no easy/hard"
+        " phase 2; same total steps)"),
+    "steady_portion": common.Variant(
+        _steady_portion, "CBST portion held at its round-0 value (no +0.05"
+        " per round)"),
 }
 # The CBST / CRST entry points: their method fixed, the rest as here.
 CBST_VARIANTS = {"tiny": _TINY, "paper": _PAPER, "vgg": common.VGG,
