@@ -226,3 +226,19 @@ def test_num_steps_zero_fails_the_same_way_everywhere(name, tmp_path, capsys):
   assert code == 2
   assert err.strip() == "error: config.num_steps must be >= 1, got 0"
   assert not workdir.exists()  # Nothing trained (no base model either).
+
+
+def test_anchor_target_phase2_and_tpld_probe_variants():
+  """The probes' variants change only what their names say."""
+  anchor = _module("anchor").get_config
+  assert _changes("anchor", "target_phase2") == {
+      "anchor.phase2_weights.source_main": 0.0,
+      "anchor.phase2_weights.source_anchor": 0.0}
+  with pytest.raises(ValueError, match="seed_schedule"):
+    anchor("seed_schedule,target_phase2")
+  assert _changes("tpld", "steady_portion") == {
+      "self_training.portion_step": 0.0}
+  assert _changes("tpld", "phase1_only") == {
+      "self_training.phase1_rounds": 5, "self_training.phase2_rounds": 0}
+  assert _module("tpld").get_config("phase1_only").num_steps == (
+      _module("tpld").get_config().num_steps)
