@@ -86,8 +86,10 @@ def _load_config(spec: str):
   name, _, variant = spec.partition(":")
   variant = variant.replace("+", ",")  # --methods is itself comma-separated
   if not os.path.exists(main.config_path(name)):
-    known = sorted(f[:-3] for f in os.listdir(os.path.dirname(
-        main.config_path(name))) if f.endswith(".py") and f[0] != "_" and "common" not in f)
+    # Every module under configs/ but the shared ones is an entry point's.
+    known = sorted(
+        f[:-3] for f in os.listdir(os.path.dirname(main.config_path(name)))
+        if f.endswith(".py") and f[0] != "_" and "common" not in f)
     raise _RunError(f"unknown method '{name}' in --methods; known:"
                     f" {', '.join(known)}")
   module = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
@@ -115,11 +117,6 @@ def _apply_override(config, item: str) -> None:
                     " those of experiments/configs/*.py") from None
 
 
-def _user_errors():
-  from experiments import main  # pylint: disable=g-import-not-at-top
-  return main.user_errors()
-
-
 def _train(config, workdir: str) -> dict:
   """The entry points' path: config checks first (one-line errors before
   anything trains), then the method's driver or the loop."""
@@ -132,7 +129,9 @@ def _train(config, workdir: str) -> dict:
 def _run_one(spec: str, seed: str, shift: str | None):
   """Trains (or reuses) one run; returns its table row (None: not run and
   ``--only_finished``)."""
+  from jaxda import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxda import methods  # pylint: disable=g-import-not-at-top
+  from experiments import main  # pylint: disable=g-import-not-at-top
   name, config = _load_config(spec)
   _, default = _load_config(name)
   config.seed = int(seed)
@@ -170,9 +169,9 @@ def _run_one(spec: str, seed: str, shift: str | None):
     t0 = time.time()
     try:
       summary = _train(config, workdir)
-    except _user_errors() as e:
+    except main.user_errors() as e:
       hint = ""
-      if linked_base and "checkpoint" in str(e):
+      if linked_base and isinstance(e, checkpoint.CheckpointError):
         hint = (f" ({label} warm-starts from the {base_name} run of seed"
                 f" {seed}, {base_dir}; a committed results directory keeps"
                 " summaries, not checkpoints: move that run away to retrain"
