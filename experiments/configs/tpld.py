@@ -95,6 +95,10 @@ def self_training_config() -> ml_collections.ConfigDict:
   st.base_method = "source_only"
   st.base_steps = 1200  # base-model steps when no init_checkpoint is given
   st.base_learning_rate = 0.02  # LR of that source-only base run
+  # AdaBN: each round re-estimates the BatchNorm statistics on the target
+  # train set before labelling; source passes keep their batch statistics
+  # (bn_mode 'source' -> 'split' in the rounds; target_statistics.py)
+  st.target_bn_stats = False
   st.report_precision = True  # pseudo-label precision vs target GT (report)
   st.num_pictures = 4  # images in the per-round pseudo-label picture
   # CBST / CRST recipe (jaxda.methods.self_training.recipe, METHODS.md §6.4-
@@ -224,6 +228,10 @@ def _steady_portion(c):
   c.self_training.portion_step = 0.0
 
 
+def _target_bn(c):
+  c.self_training.target_bn_stats = True
+
+
 _ADAPTED_BASE = common.Variant(
     _adapted_base, "rounds start from an AdaptSegNet base model (later"
     " self-training papers' practice) instead of source-only")
@@ -247,6 +255,9 @@ VARIANTS = {
     "steady_portion": common.Variant(
         _steady_portion, "CBST portion held at its round-0 value (no +0.05"
         " per round)"),
+    "target_bn": common.Variant(
+        _target_bn, "AdaBN: BatchNorm statistics re-estimated on the target"
+        " train set at each round start (source passes keep their own)"),
 }
 # The CBST / CRST entry points: their method fixed, the rest as here.
 CBST_VARIANTS = {"tiny": _TINY, "paper": _PAPER, "vgg": common.VGG,

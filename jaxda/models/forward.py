@@ -17,7 +17,7 @@ import ml_collections
 
 from jaxda import ops
 
-BN_MODES = ("frozen", "train", "source")
+BN_MODES = ("frozen", "train", "source", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,45 @@ def precision_options(config) -> dict[str, Any]:
           "conv_impl": config.model.get("conv_impl", "auto")}
 
 
+def bn_mode_problem(config: ml_collections.ConfigDict) -> str | None:
+  """One line on an invalid ``config.model.bn_mode``, or None.
+
+  ``'split'`` needs a driver that sets the running statistics to the
+  unlabelled domain's: only self-training does
+  (``self_training.target_bn_stats``).
+  """
+  mode = config.model.bn_mode
+  if mode not in BN_MODES:
+    return f"config.model.bn_mode must be one of {BN_MODES}, got {mode!r}"
+  st = config.get("self_training") or {}
+  if mode == "split" and not st.get("target_bn_stats", False):
+    return ("config.model.bn_mode='split' needs target statistics that only"
+            " self-training sets: use --config.self_training.target_bn_stats"
+            "=True (cbst, crst, tpld), or bn_mode 'source', 'train' or"
+            " 'frozen'")
+  return None
+
+
 def _check_bn_mode(bn_mode: str) -> None:
   if bn_mode not in BN_MODES:
     raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+
+
+def uses_batch_statistics(bn_mode: str, labelled: bool,
+                          training: bool = True) -> bool:
+  """Whether a pass normalises with its batch statistics (``forward``'s
+  rule for ``bn_mode``); the other passes use the running statistics."""
+  return training and (
+      bn_mode == "train" or (bn_mode in ("source", "split") and labelled))
+
+
+def statistics_after(bn_mode: str, batch_stats, mutated):
+  """The running statistics after a batch-statistics pass: the pass's
+  update (as a constant, ``running_stats``), or unchanged under
+  ``'split'``, whose running statistics belong to the other domain."""
+  if bn_mode == "split":
+    return batch_stats
+  return running_stats(mutated)
 
 
 def running_stats(stats):
@@ -94,6 +130,12 @@ def forward(models: Models, params, batch_stats, images, *, bn_mode: str,
       labelled domain; passes over the unlabelled domain use the running
       statistics and change nothing, so every method normalises target
       images identically when models train from scratch.
+    * ``'split'``: domain-specific statistics. Training passes over the
+      labelled domain normalise with their batch statistics and leave the
+      running statistics alone; every other pass uses the running
+      statistics, which the caller has set to the unlabelled domain's
+      (AdaBN, ``batch_statistics``; self-training's
+      ``self_training.target_bn_stats``).
 
   Args:
     models: the modules.
@@ -111,13 +153,43 @@ def forward(models: Models, params, batch_stats, images, *, bn_mode: str,
   """
   _check_bn_mode(bn_mode)
   variables = {"params": params, "batch_stats": batch_stats}
-  use_batch = training and (
-      bn_mode == "train" or (bn_mode == "source" and labelled))
-  if use_batch:
+  if uses_batch_statistics(bn_mode, labelled, training):
     outputs, mutated = models.segmenter.apply(
         variables, images, train_bn=True, mutable=["batch_stats"])
-    return outputs, running_stats(mutated["batch_stats"])
+    return outputs, statistics_after(bn_mode, batch_stats,
+                                     mutated["batch_stats"])
   return models.segmenter.apply(variables, images, train_bn=False), batch_stats
+
+
+def batch_statistics(models: Models, params, batch_stats, images):
+  """The BatchNorm statistics a training pass computes on ``images``.
+
+  Every BatchNorm layer's batch mean and (biased) variance, each layer
+  seeing the previous layers normalised with *their* batch statistics, as
+  in a training forward pass (AdaBN's re-estimation, one batch). Found from
+  the running-average update of two passes, from zero and from one
+  statistics (``new = m * old + (1 - m) * batch``), so no layer's momentum
+  ``m`` needs to be known.
+
+  Args:
+    models: the modules.
+    params: segmenter parameters.
+    batch_stats: the statistics tree (its structure; values unused).
+    images: (B, H, W, 3) float32.
+
+  Returns:
+    a tree like ``batch_stats`` of the batch's statistics.
+  """
+  def updated(fill):
+    old = jax.tree.map(lambda x: jnp.full_like(x, fill), batch_stats)
+    _, mutated = models.segmenter.apply(
+        {"params": params, "batch_stats": old}, images, train_bn=True,
+        mutable=["batch_stats"])
+    return mutated["batch_stats"]
+
+  from_zero, from_one = updated(0.0), updated(1.0)
+  # m = from_one - from_zero; batch = from_zero / (1 - m).
+  return jax.tree.map(lambda z, o: z / (1.0 - (o - z)), from_zero, from_one)
 
 
 def upsample_outputs(outputs: dict[str, jax.Array], size: tuple[int, int], *,
@@ -147,14 +219,13 @@ def extract_features(models: ClassificationModels, params, batch_stats,
   """
   _check_bn_mode(bn_mode)
   variables = {"params": params, "batch_stats": batch_stats}
-  use_batch = training and bool(batch_stats) and (
-      bn_mode == "train" or (bn_mode == "source" and labelled))
   method = models.classifier.features
-  if use_batch:
+  if bool(batch_stats) and uses_batch_statistics(bn_mode, labelled, training):
     fmap, mutated = models.classifier.apply(
         variables, images, train_bn=True, mutable=["batch_stats"],
         method=method)
-    return fmap, running_stats(mutated["batch_stats"])
+    return fmap, statistics_after(bn_mode, batch_stats,
+                                  mutated["batch_stats"])
   return models.classifier.apply(variables, images, train_bn=False,
                                  method=method), batch_stats
 

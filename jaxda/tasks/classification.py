@@ -43,8 +43,8 @@ def config_problems(config, method) -> list[str]:
   need(config.model.name in models_lib.CLASSIFIER_NAMES,
        f"config.model.name must be one of {models_lib.CLASSIFIER_NAMES}, got"
        f" {config.model.name!r}")
-  need(config.model.bn_mode in forward.BN_MODES,
-       f"config.model.bn_mode must be one of {forward.BN_MODES}")
+  bn_problem = forward.bn_mode_problem(config)
+  need(bn_problem is None, bn_problem)
   need(config.optim.lr_schedule in ("inv", "constant"),
        "config.optim.lr_schedule must be 'inv' or 'constant'")
   return problems

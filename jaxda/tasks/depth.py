@@ -163,9 +163,9 @@ def config_problems(config, method) -> list[str]:
   if config.model.name not in models_lib.SEGMENTER_NAMES:
     problems.append(f"config.model.name must be one of"
                     f" {models_lib.SEGMENTER_NAMES}, got {config.model.name!r}")
-  if config.model.bn_mode not in forward.BN_MODES:
-    problems.append(f"config.model.bn_mode must be one of {forward.BN_MODES},"
-                    f" got {config.model.bn_mode!r}")
+  bn_problem = forward.bn_mode_problem(config)
+  if bn_problem:
+    problems.append(bn_problem)
   if not float(config.anchor.max_depth) > 0:
     problems.append("config.anchor.max_depth must be > 0")
   if config.get("grad_accum_steps", 1) != 1:

@@ -36,9 +36,8 @@ def config_problems(config, method) -> list[str]:
     if not cond:
       problems.append(msg)
 
-  need(config.model.bn_mode in forward.BN_MODES,
-       f"config.model.bn_mode must be one of {forward.BN_MODES}, got"
-       f" {config.model.bn_mode!r}")
+  bn_problem = forward.bn_mode_problem(config)
+  need(bn_problem is None, bn_problem)
   need(config.model.name in models_lib.SEGMENTER_NAMES,
        f"config.model.name must be one of {models_lib.SEGMENTER_NAMES}, got"
        f" {config.model.name!r}")

@@ -77,13 +77,13 @@ def apply_network(models: base.Models, params, batch_stats, images, *,
     return base.forward(models, params, batch_stats, images, bn_mode=bn_mode,
                         labelled=labelled, training=training)
   variables = {"params": params, "batch_stats": batch_stats}
-  use_batch = bn_mode == "train" or (bn_mode == "source" and labelled)
   rngs = {"dropout": dropout_key}
-  if use_batch:
+  if forward_lib.uses_batch_statistics(bn_mode, labelled):
     outputs, mutated = models.segmenter.apply(
         variables, images, train_bn=True, deterministic=False, rngs=rngs,
         mutable=["batch_stats"])
-    return outputs, forward_lib.running_stats(mutated["batch_stats"])
+    return outputs, forward_lib.statistics_after(bn_mode, batch_stats,
+                                                 mutated["batch_stats"])
   return models.segmenter.apply(variables, images, train_bn=False,
                                 deterministic=False, rngs=rngs), batch_stats
 

@@ -91,7 +91,7 @@ def apply_views(models: base.Models, params, batch_stats, images, box, *,
   """
   seg = models.segmenter
   variables = {"params": params, "batch_stats": batch_stats}
-  use_batch = bn_mode == "train" or (bn_mode == "source" and labelled)
+  use_batch = forward_lib.uses_batch_statistics(bn_mode, labelled)
   stochastic = dropout_key is not None and isinstance(seg.net, mit.DAFormer)
   kwargs = dict(train_bn=use_batch, deterministic=not stochastic,
                 method=hrda_model.HRDA.train_views)
@@ -100,7 +100,8 @@ def apply_views(models: base.Models, params, batch_stats, images, box, *,
   if use_batch:
     views, mutated = seg.apply(variables, images, box,
                                mutable=["batch_stats"], **kwargs)
-    return views, forward_lib.running_stats(mutated["batch_stats"])
+    return views, forward_lib.statistics_after(bn_mode, batch_stats,
+                                               mutated["batch_stats"])
   return seg.apply(variables, images, box, **kwargs), batch_stats
 
 

@@ -41,6 +41,7 @@ from jaxda import parallel
 from jaxda.data import augment
 from jaxda.data import pipeline
 from jaxda.methods.self_training import recipe_math
+from jaxda.methods.self_training import target_statistics
 from jaxda.tasks import evaluation
 from jaxda.train import loop as train_loop
 from jaxda.train.exceptions import ConfigError
@@ -103,7 +104,7 @@ def problems(config) -> list[str]:
     if st.voting:
       out.append("self_training.target_loss='lrent' (soft labels) cannot be"
                  " densified by voting; set self_training.voting=False")
-  return out
+  return out + target_statistics.problems(config)
 
 
 def check(config) -> None:

@@ -64,6 +64,7 @@ from jaxda.methods import base
 from jaxda.methods.self_training.densify import densify
 from jaxda.methods.self_training import progress
 from jaxda.methods.self_training import recipe
+from jaxda.methods.self_training import target_statistics
 from jaxda.methods.self_training import warm_base
 from jaxda.methods.self_training.easy_hard import (
     easy_hard_split, easy_image_labels, image_confidence, label_density,
@@ -458,6 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   st = config.self_training
   config.model.init_checkpoint = warm_base.ensure_base(
       config, workdir, lambda m: print(m, flush=True))
+  config = target_statistics.round_config(config)
   if float(st.get("round_lr_decay", 1.0)) != 1.0:
     # CBST's MXNet recipe: the LR ÷√2 at each new round (after the base
     # model is made, which keeps its own schedule).
@@ -505,6 +507,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 records_path)
     for r in range(start // steps_per_round, r1 + r2):
       phase = 1 if r < r1 else 2
+      if (target_statistics.enabled(config)
+          and start <= r * steps_per_round):
+        # A function of the state that ended the last round, so a resumed
+        # round start re-estimates exactly; mid-round the checkpoint has them.
+        state = state.replace(
+            batch_stats=target_statistics.estimate(run, state))
+        run.log(f"round {r}: BatchNorm statistics re-estimated on the"
+                " target train set")
       data = load_pseudo_labels(run, r)
       lrent = st.target_loss == "lrent" and phase == 1
       if lrent and parallel.sum_over_processes(np.asarray(

@@ -1,0 +1,101 @@
+"""Target BatchNorm statistics for self-training (AdaBN, Li et al. 2016).
+
+With ``self_training.target_bn_stats`` every round starts by re-estimating
+the BatchNorm running statistics on the target train images with the model
+as it is, before the round's pseudo-labelling pass; the round's labels,
+its target training passes and the evaluation then normalise target images
+with target statistics. Why: a source-only base normalises target
+activations with source statistics, and on a low-level shift (lighting,
+blur, palette) that alone costs several mIoU points and makes the first
+round's pseudo labels worse than they need be.
+
+Under ``model.bn_mode='source'`` the driver switches the rounds to
+``'split'`` (domain-specific statistics): source passes keep normalising
+with their own batch statistics, as the base model trained, and no longer
+write the running statistics, which now hold the target's. Under
+``'frozen'`` every pass, source ones included, uses the target statistics
+(AdaBN proper).
+
+The estimate is the mean over full batches of each layer's batch mean and
+(biased) variance (``forward.batch_statistics``), the cumulative average
+of PyTorch's ``momentum=None``; the images that do not fill a last batch
+are left out, so every batch has one shape and the estimate does not
+depend on padding.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxda import parallel
+from jaxda.data import pipeline
+from jaxda.models import forward
+from jaxda.tasks import splits
+from jaxda.train.exceptions import ConfigError
+
+# model.bn_mode of the base -> the mode the rounds run in.
+ROUND_BN_MODES = {"source": "split", "frozen": "frozen"}
+
+
+def enabled(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.self_training.get("target_bn_stats", False))
+
+
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+  """One line per invalid combination (``recipe.problems`` calls it)."""
+  mode = config.model.bn_mode
+  if enabled(config) and mode not in ROUND_BN_MODES and mode != "split":
+    return [f"self_training.target_bn_stats needs model.bn_mode 'source' or"
+            f" 'frozen' (got {mode!r}: training passes would overwrite the"
+            " target statistics); set --config.model.bn_mode=source"]
+  return []
+
+
+def round_config(config: ml_collections.ConfigDict
+                 ) -> ml_collections.ConfigDict:
+  """``config`` with the rounds' BatchNorm mode (after the base is made)."""
+  if enabled(config):
+    config.model.bn_mode = ROUND_BN_MODES.get(config.model.bn_mode,
+                                              config.model.bn_mode)
+  return config
+
+
+def _batch_size(run, num_images: int) -> int:
+  """Per-process batch: the evaluation batch, at most the smallest share."""
+  local_devices = jax.local_device_count()
+  smallest = -parallel.max_over_processes(-num_images)
+  size = min(parallel.local_batch_size(splits.eval_batch_size(run)),
+             smallest // local_devices * local_devices)
+  if size < 1:
+    raise ConfigError(
+        f"self_training.target_bn_stats needs at least {local_devices}"
+        f" target train images per process (has {smallest}); set it False")
+  return size
+
+
+def estimate(run, state):
+  """The target train set's BatchNorm statistics under ``state.params``.
+
+  Returns:
+    a tree like ``state.batch_stats`` (replicated on ``run.mesh``).
+  """
+  images = run.data["target_train"].images  # this process's share
+  size = _batch_size(run, len(images))
+  count = -parallel.max_over_processes(-len(images)) // size
+  stats_fn = jax.jit(
+      lambda params, stats, x: forward.batch_statistics(
+          run.models, params, stats, x),
+      in_shardings=(parallel.replicated(run.mesh),) * 2
+      + (parallel.batch_sharded(run.mesh),),
+      out_shardings=parallel.replicated(run.mesh))
+  total = None
+  for i in range(count):
+    batch = pipeline.normalize(images[i * size:(i + 1) * size],
+                               run.config.data.normalization)
+    stats = stats_fn(state.params, state.batch_stats,
+                     parallel.shard_batch(np.asarray(batch), run.mesh))
+    total = stats if total is None else jax.tree.map(
+        lambda a, b: a + b, total, stats)
+  return jax.tree.map(lambda t: t / count, total)
