@@ -486,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if os.path.exists(records_path):
       with open(records_path) as f:
         records = json.load(f)
-    base_eval = None
+    base_eval = bn_eval = None
     if start == 0:
       base_eval = train_loop.evaluate_target(run, state, 0)
       run.log(f"base model: target mIoU {100 * base_eval['miou']:.2f}%")
@@ -515,6 +515,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             batch_stats=target_statistics.estimate(run, state))
         run.log(f"round {r}: BatchNorm statistics re-estimated on the"
                 " target train set")
+        if r == 0:
+          # How much of the gain is the statistics alone (diagnostics).
+          bn_eval = train_loop.evaluate_target(
+              run, state, 0, prefix="target_with_target_bn")
+          run.log("base model with target BatchNorm statistics: target mIoU"
+                  f" {100 * bn_eval['miou']:.2f}%")
       data = load_pseudo_labels(run, r)
       lrent = st.target_loss == "lrent" and phase == 1
       if lrent and parallel.sum_over_processes(np.asarray(
@@ -592,6 +598,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         extra["adaptation_signals"])
     if base_eval is not None:
       extra["base_target_miou"] = base_eval["miou"]
+    if bn_eval is not None:
+      extra["base_target_miou_with_target_bn"] = bn_eval["miou"]
     if run.is_main and records:
       run.log("\nper-round summary:")
       for d in extra["rounds"]:

@@ -64,7 +64,8 @@ def round_config(config: ml_collections.ConfigDict
 
 def _batch_size(run, num_images: int) -> int:
   """Per-process batch: the evaluation batch, at most the smallest share."""
-  local_devices = jax.local_device_count()
+  local_devices = sum(d.process_index == jax.process_index()
+                      for d in run.mesh.devices.flat)
   smallest = -parallel.max_over_processes(-num_images)
   size = min(parallel.local_batch_size(splits.eval_batch_size(run)),
              smallest // local_devices * local_devices)
