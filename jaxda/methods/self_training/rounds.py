@@ -33,16 +33,14 @@ round, stores them in ``summary.json['adaptation_signals']`` and logs (and
 stores as ``adaptation_warning``) ``progress.no_progress``'s one-line
 warning when they show no progress.
 
-The CBST / CRST recipe (``jaxda.methods.self_training.recipe``, fields
-whose defaults change nothing): a per-round random share of the source
-images, scoring at ``score_scales`` x ``score_flip``, rare-class mining of
-the target crops, CBST-SP spatial priors and CRST-LRENT soft labels.
+The CBST / CRST recipe (``recipe``): per-round source shares, multi-view
+scoring, rare-class mining, CBST-SP priors, CRST-LRENT soft labels. With
+``self_training.target_bn_stats`` each round starts by re-estimating the
+BatchNorm statistics on the target (``target_statistics``, AdaBN).
 
 With no ``model.init_checkpoint`` the driver first trains (or reuses) a
 base model (``self_training.base_method``: source-only as in the papers, or
-AdaptSegNet) in ``workdir/base_<method>``. ``num_steps`` must
-give every round at least one step (``num_steps = 0`` is a ``ConfigError``:
-a round without steps would relabel with an unchanged model).
+AdaptSegNet) in ``workdir/base_<method>``. Every round needs >= 1 step.
 """
 
 from __future__ import annotations
@@ -184,14 +182,11 @@ def make_pseudo_labels(run, state, round_index: int, phase: int,
                            st.portion_max)
 
   # Pass A: streaming thresholds, O(C x bins) memory on device. The network
-  # runs once: pass B needs every threshold before it can select a pixel, so
-  # pass A keeps the output-stride logits (1/64 of the probabilities' size
-  # for DeepLab-v2) in host memory, this process's rows only, and pass B
-  # puts one batch at a time back on the devices and redoes only the
-  # upsampling and softmax, bit-identical to a second forward pass. The
-  # devices never hold more than one batch of the target set.
-  # With a spatial prior (CBST-SP) the thresholds and labels use prior x p
-  # (`scores`); the adaptation signals keep the softmax.
+  # runs once: pass A keeps the output-stride logits in host memory (this
+  # process's rows), pass B puts one batch at a time back on the devices
+  # and redoes only the upsampling and softmax (bit-identical to a second
+  # forward); the devices never hold more than one batch of the target set.
+  # CBST-SP: thresholds and labels use prior x p; the signals the softmax.
   hist = parallel.replicate(init_threshold_histogram(c, st.num_bins),
                             run.mesh)
   floor = recipe.histogram_floor(run.config)
@@ -507,20 +502,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 records_path)
     for r in range(start // steps_per_round, r1 + r2):
       phase = 1 if r < r1 else 2
-      if (target_statistics.enabled(config)
-          and start <= r * steps_per_round):
-        # A function of the state that ended the last round, so a resumed
-        # round start re-estimates exactly; mid-round the checkpoint has them.
-        state = state.replace(
-            batch_stats=target_statistics.estimate(run, state))
-        run.log(f"round {r}: BatchNorm statistics re-estimated on the"
-                " target train set")
-        if r == 0:
-          # How much of the gain is the statistics alone (diagnostics).
-          bn_eval = train_loop.evaluate_target(
-              run, state, 0, prefix="target_with_target_bn")
-          run.log("base model with target BatchNorm statistics: target mIoU"
-                  f" {100 * bn_eval['miou']:.2f}%")
+      if target_statistics.enabled(config) and start <= r * steps_per_round:
+        # A function of the last round's final state: a resumed round start
+        # re-estimates exactly; mid-round the checkpoint holds them.
+        state, bn_eval = target_statistics.at_round_start(run, state, r,
+                                                          bn_eval)
       data = load_pseudo_labels(run, r)
       lrent = st.target_loss == "lrent" and phase == 1
       if lrent and parallel.sum_over_processes(np.asarray(
@@ -599,7 +585,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if base_eval is not None:
       extra["base_target_miou"] = base_eval["miou"]
     if bn_eval is not None:
-      extra["base_target_miou_with_target_bn"] = bn_eval["miou"]
+      extra["base_target_miou_with_target_bn"] = bn_eval
     if run.is_main and records:
       run.log("\nper-round summary:")
       for d in extra["rounds"]:

@@ -33,6 +33,7 @@ from jaxda import parallel
 from jaxda.data import pipeline
 from jaxda.models import forward
 from jaxda.tasks import splits
+from jaxda.train import loop as train_loop
 from jaxda.train.exceptions import ConfigError
 
 # model.bn_mode of the base -> the mode the rounds run in.
@@ -100,3 +101,23 @@ def estimate(run, state):
     total = stats if total is None else jax.tree.map(
         lambda a, b: a + b, total, stats)
   return jax.tree.map(lambda t: t / count, total)
+
+
+def at_round_start(run, state, r: int, base_miou: float | None):
+  """Re-estimates the statistics at the start of round ``r``.
+
+  Returns:
+    ``(state, base_miou)``: the state with the target statistics and, at
+    round 0, the base model's target mIoU with them (how much of a run's
+    gain is the statistics alone), else ``base_miou`` unchanged.
+  """
+  state = state.replace(batch_stats=estimate(run, state))
+  run.log(f"round {r}: BatchNorm statistics re-estimated on the target"
+          " train set")
+  if r:
+    return state, base_miou
+  miou = train_loop.evaluate_target(run, state, 0,
+                                    prefix="target_with_target_bn")["miou"]
+  run.log(f"base model with target BatchNorm statistics: target mIoU"
+          f" {100 * miou:.2f}%")
+  return state, miou
