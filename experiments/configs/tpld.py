@@ -25,7 +25,10 @@ start from an AdaptSegNet model trained with the base recipe, not a
 source-only one: later self-training papers' practice; the base run goes to
 ``workdir/base_adaptsegnet``), ``phase1_only`` (every round a voting
 round, no easy/hard phase 2), ``steady_portion`` (the CBST portion stays at
-its round-0 value).
+its round-0 value), ``target_bn`` / ``no_target_bn`` (the BatchNorm
+statistics re-estimated on the target at each round start, AdaBN: TPLD's
+default since it was chosen on the development shift; off in ``cbst``,
+``crst`` and ``paper``).
 
 ``paper`` rounds are 505 steps: 2 epochs over CRST's 505-image target list
 (ClsConfSet) at batch 2; with ``model.init_checkpoint`` unset the source
