@@ -34,6 +34,7 @@ from jaxda import losses
 from jaxda.methods import base
 from jaxda.methods.gam import matching as am
 from jaxda.methods.gam import taps as activation_taps
+from jaxda.models import forward as forward_lib
 
 
 def layer_weights(config) -> dict[str, float]:
@@ -146,7 +147,7 @@ def make_step(models, config, tx, disc_tx, *,
       if g.source_weight:
         # Optional: source CE on the target network (without matching,
         # which is calibrated for target data).
-        labelled_bn = bn_mode in ("train", "source")
+        labelled_bn = forward_lib.uses_batch_statistics(bn_mode, True)
         outputs, _, stats = taps.apply_with_taps(
             {"params": params, "batch_stats": stats}, src["image"],
             train_bn=labelled_bn, match="none")

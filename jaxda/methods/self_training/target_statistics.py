@@ -25,6 +25,8 @@ depend on padding.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -77,6 +79,17 @@ def _batch_size(run, num_images: int) -> int:
   return size
 
 
+@functools.lru_cache(maxsize=8)
+def _stats_fn(models: forward.Models, mesh):
+  """``forward.batch_statistics`` jitted for ``mesh``, once per run (every
+  round reuses the compiled program)."""
+  return jax.jit(
+      functools.partial(forward.batch_statistics, models),
+      in_shardings=(parallel.replicated(mesh),) * 2
+      + (parallel.batch_sharded(mesh),),
+      out_shardings=parallel.replicated(mesh))
+
+
 def estimate(run, state):
   """The target train set's BatchNorm statistics under ``state.params``.
 
@@ -86,12 +99,7 @@ def estimate(run, state):
   images = run.data["target_train"].images  # this process's share
   size = _batch_size(run, len(images))
   count = -parallel.max_over_processes(-len(images)) // size
-  stats_fn = jax.jit(
-      lambda params, stats, x: forward.batch_statistics(
-          run.models, params, stats, x),
-      in_shardings=(parallel.replicated(run.mesh),) * 2
-      + (parallel.batch_sharded(run.mesh),),
-      out_shardings=parallel.replicated(run.mesh))
+  stats_fn = _stats_fn(run.models, run.mesh)
   total = None
   for i in range(count):
     batch = pipeline.normalize(images[i * size:(i + 1) * size],
