@@ -165,3 +165,15 @@ def test_config_checks_are_one_line():
   other.model.bn_mode = "source"
   assert not any("bn_mode" in p
                  for p in segmentation.config_problems(other, None))
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("", True), ("adapted_base", False), ("adapted_base,target_bn", True),
+    ("target_bn,adapted_base", True), ("cbst", False), ("paper", False),
+    ("cbst,adapted_base", False)])
+def test_which_presets_reestimate_target_statistics(variant, expected):
+  # TPLD from source-only re-estimates them (chosen on the development
+  # shift); from an AdaptSegNet base it keeps one set (also chosen there),
+  # unless target_bn is named, in either order.
+  config = tpld_cfg.get_config(variant)
+  assert config.self_training.target_bn_stats is expected
