@@ -26,6 +26,7 @@ from jaxda.data import augment
 from jaxda.data import errors as data_errors
 from jaxda.data import pipeline
 from jaxda.data.readers import common as readers_common
+from jaxda import methods
 from jaxda.methods import base
 from jaxda.methods.self_training import recipe
 from jaxda.methods.self_training import recipe_math
@@ -561,3 +562,32 @@ def test_bootstrap_apply_to_reaches_the_loss():
         apply_to=apply_to, stop_gradient_prediction=True))
     assert got[apply_to] == pytest.approx(want, rel=1e-6)
   assert got["labeled"] != pytest.approx(got["all"], rel=1e-3)
+
+
+@pytest.mark.parametrize("get_config,decay", [
+    (lambda: tpld_cfg.get_config("tiny"), 0.7071),
+    (lambda: tpld_cfg.get_config("tiny,constant_lr"), 1.0),
+    (lambda: cbst_cfg.get_config("tiny"), 1.0),
+    (lambda: tpld_cfg.get_config("tiny,paper"), 1.0)])
+def test_round_lr_decay_reaches_the_optimiser_per_round(get_config, decay):
+  # The segmenter's optimiser, built by the task from the rounds' config,
+  # steps at lr * decay**r in round r (momentum off: the update is -lr * g).
+  from jaxda.tasks import segmentation  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  assert config.self_training.round_lr_decay == decay
+  config.optim.momentum = 0.0
+  config.optim.weight_decay = 0.0
+  config.num_steps = 6
+  spr = 2
+  config = recipe.round_schedule(config, spr)
+  data = {"target_val": types.SimpleNamespace(class_names=["a", "b", "c"])}
+  tx = segmentation.build(config, methods.get_method("tpld"), data)["tx"]
+  params = {"layer1": {"conv": {"kernel": jnp.zeros((2,))}}}
+  opt_state = tx.init(params)
+  lr = config.optim.learning_rate
+  for count in range(6):
+    grads = {"layer1": {"conv": {"kernel": jnp.ones((2,))}}}
+    updates, opt_state = tx.update(grads, opt_state, params)
+    np.testing.assert_allclose(
+        updates["layer1"]["conv"]["kernel"],
+        -lr * decay ** (count // spr) * np.ones(2), rtol=1e-6)

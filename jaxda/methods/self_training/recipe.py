@@ -119,6 +119,18 @@ def check(config) -> None:
 # --------------------------------------------------------------------------
 
 
+def round_schedule(config, steps_per_round: int):
+  """``config`` whose optimiser multiplies the LR by ``round_lr_decay`` at
+  each new round (CBST's MXNet recipe: ÷√2; the base model, made before,
+  keeps its own schedule). The rounds share one optimiser whose count starts
+  at 0 at round 0, so round r trains at ``decay ** r`` x LR."""
+  decay = float(_get(config.self_training, "round_lr_decay", 1.0))
+  if decay != 1.0:
+    config.optim.decay_every = int(steps_per_round)
+    config.optim.decay_factor = decay
+  return config
+
+
 def views(config) -> tuple[tuple[float, bool], ...]:
   """``(scale, mirrored)`` of every scoring view, in order."""
   st = config.self_training

@@ -454,12 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   st = config.self_training
   config.model.init_checkpoint = warm_base.ensure_base(
       config, workdir, lambda m: print(m, flush=True))
-  config = target_statistics.round_config(config)
-  if float(st.get("round_lr_decay", 1.0)) != 1.0:
-    # CBST's MXNet recipe: the LR ÷√2 at each new round (after the base
-    # model is made, which keeps its own schedule).
-    config.optim.decay_every = steps_per_round
-    config.optim.decay_factor = float(st.round_lr_decay)
+  config = recipe.round_schedule(target_statistics.round_config(config),
+                                 steps_per_round)
   run = train_loop.setup(config, workdir, method)
   try:
     train_loop.write_config(run)
