@@ -522,3 +522,24 @@ def test_advent_step_matches_torch():
   config = _config('advent', 'vanilla', 4)
   assert get_method('advent').discriminator_inputs == 'entropy'
   _check_step(config, 'entropy')
+
+
+@pytest.mark.parametrize('bn_mode', ['frozen', 'train'])
+def test_step_benchmark_gives_torch_the_bn_mode_jaxda_runs(bn_mode,
+                                                          monkeypatch):
+  """`benchmarks.train_step_bench` once timed jaxda's paper preset (BN on
+  batch statistics) against a PyTorch step hard-wired to running statistics
+  (first-step losses 9.8 apart); both sides must now read one setting."""
+  from benchmarks import train_step_bench  # pylint: disable=g-import-not-at-top
+  seen = {}
+
+  def capture(model, discs, **kwargs):
+    del model, discs
+    seen.update(kwargs)
+
+  monkeypatch.setattr(adaptsegnet_step, 'AdaptSegNetStep', capture)
+  size = train_step_bench.parse_size('small')
+  config = train_step_bench.make_config(size, 'float32', bn_mode=bn_mode)
+  train_step_bench.torch_step(None, None, config)
+  assert config.model.bn_mode == bn_mode
+  assert seen['bn_mode'] == bn_mode
