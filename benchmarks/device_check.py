@@ -23,9 +23,10 @@ section that fails records its error and the rest still run):
 7. ``mit_paper_memory`` (last; not under ``--smoke``): the HRDA and
    MIC(HRDA) paper steps (MiT-B5, real depths, per-loss backward, MiT
    remat) compiled for this device, XLA's buffer assignment against the
-   papers' 24 GB (issue 27: on XLA:CPU the HRDA compile took 62 min and
-   MIC(HRDA)'s ran out of host memory; `benchmarks.mit_memory_fit --full`
-   is the same measurement).
+   papers' 24 GB (on XLA:CPU: HRDA 8.38 GiB after a 62 min compile,
+   MIC(HRDA) 8.51 GiB from its buffer-assignment dump, its compile needing
+   more than a 23 GB host; `benchmarks.mit_memory_fit --full` is the same
+   measurement).
 
 Not here yet: the PyTorch reference on the same device
 (`benchmarks.train_step_bench` runs it on the CPU only); the result says so.
