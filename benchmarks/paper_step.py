@@ -75,11 +75,11 @@ _CONFIGS = {
 
 def paper_config(method: str, variant: str, height: int, width: int,
                  compute_dtype: str | None = None, remat: bool | None = None,
-                 conv_impl: str | None = None):
+                 conv_impl: str | None = None, bn_mode: str | None = None):
   """The method's ``paper`` preset (plus ``variant``) at ``height x width``.
 
-  ``compute_dtype`` / ``remat`` / ``conv_impl`` override ``config.model``'s
-  switches.
+  ``compute_dtype`` / ``remat`` / ``conv_impl`` / ``bn_mode`` override
+  ``config.model``'s switches.
   """
   module, extra = _CONFIGS[method]
   variants = ",".join(v for v in ("paper", extra, variant) if v)
@@ -93,6 +93,8 @@ def paper_config(method: str, variant: str, height: int, width: int,
     config.model.remat = remat
   if conv_impl is not None:
     config.model.conv_impl = conv_impl
+  if bn_mode is not None:
+    config.model.bn_mode = bn_mode
   return config
 
 
@@ -345,7 +347,8 @@ def bench(args, save=lambda report: None) -> dict:
   leaves its compile time, memory and FLOPs on disk.
   """
   config = paper_config(args.method, args.variant, args.height, args.width,
-                        args.compute_dtype, args.remat, args.conv_impl)
+                        args.compute_dtype, args.remat, args.conv_impl,
+                        args.bn_mode)
   parallel.check_batch_size(args.batch_size, parallel.make_mesh(1))
   report = {"machine": machine_info(), "args": vars(args),
             "config": config.to_dict(), "complete": False,
@@ -439,6 +442,11 @@ def parse_args(argv=None):
   parser.add_argument("--conv-impl", default=None,
                       choices=("auto", "lax", "dot"),
                       help="config.model.conv_impl (default: the config's)")
+  parser.add_argument("--bn-mode", default=None,
+                      choices=("frozen", "train", "source"),
+                      help="config.model.bn_mode (default: the preset's;"
+                      " AdaptSegNet's paper preset trains BN, 'train', in"
+                      " which the gated remat falls back to nn.remat)")
   parser.add_argument("--remat", action="store_true",
                       help="config.model.remat (recompute backbone blocks)")
   parser.add_argument("--memory-only", action="store_true",
@@ -523,7 +531,7 @@ def memory_table(args, save=lambda report: None) -> dict:
   report = {"machine": machine_info(), "args": vars(args), "switches": []}
   for dtype, remat in SWITCHES:
     config = paper_config(args.method, args.variant, args.height, args.width,
-                          dtype, remat, args.conv_impl)
+                          dtype, remat, args.conv_impl, args.bn_mode)
     t0 = time.perf_counter()
     state, step_jit, _, method, mesh = build(
         config, args.num_classes, args.init_size, args.seed)
