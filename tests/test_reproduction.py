@@ -106,6 +106,7 @@ _FINAL_CHECKS = {
     "crst_default": "current_code/embedded_segmentation",
     "anchor_depth": "current_code/anchor_depth",
     "anchor_normals": "current_code/anchor_normals",
+    "digits_default": "current_code/digits_shifts",
 }
 # TPLD's default of that table is today's `tpld:no_target_bn,constant_lr`.
 _RENAMED = {"tpld-no_target_bn+constant_lr": "tpld"}
@@ -132,4 +133,4 @@ def test_final_code_reruns_equal_the_committed_runs():
         want = json.load(f)["target"]
       assert got == want, (group, run)
       checked += 1
-  assert checked == 9
+  assert checked == 12
