@@ -168,9 +168,8 @@ class ResNetLayer(nn.Module):
     remat: recompute each block's activations in the backward pass
       instead of keeping them: only block inputs stay alive.
     remat_impl: 'gated' (`remat.gated_remat`: recomputation waits for the
-      block's output cotangent, so one block is alive at a time; frozen BN
-      only, `nn.remat` with train_bn) or 'jax' (`nn.remat`, which XLA may
-      schedule all at once).
+      block's output cotangent, so one block is alive at a time) or 'jax'
+      (`nn.remat`, which XLA may schedule all at once).
     conv_impl: `conv.Conv` implementation, one of `conv.IMPLS`.
   """
   num_blocks: int
@@ -195,9 +194,7 @@ class ResNetLayer(nn.Module):
     """
     if self.remat_impl not in REMAT_IMPLS:
       raise ValueError(f'remat_impl {self.remat_impl!r} not in {REMAT_IMPLS}')
-    # The gated remat re-applies a block to a snapshot of its variables, so
-    # it cannot carry BatchNorm statistics updates (train_bn): `nn.remat`.
-    gated = self.remat and self.remat_impl == 'gated' and not train_bn
+    gated = self.remat and self.remat_impl == 'gated'
     # `train_bn` is a Python bool deciding the graph: static under remat
     # (argument 2, counting the module itself as 0).
     block_cls = (nn.remat(Bottleneck, static_argnums=(2,))

@@ -19,8 +19,9 @@ alive at a time.
 Platforms: all (the order is a data dependency, valid on any backend);
 its memory effect was measured on XLA:CPU only (`kernels/platform.py`).
 Written by hand: neither Flax nor JAX offers a remat tied to the cotangent.
-Only for blocks that do not mutate variables (frozen BatchNorm): the backward
-pass re-applies the block to a snapshot of its variables.
+A block may update its BatchNorm statistics (train_bn): the forward pass's
+update flows out as usual, and the recomputation, which normalises with the
+same batch statistics, discards its own.
 """
 
 from typing import Any
@@ -62,7 +63,8 @@ def gated_remat(block: nn.Module, x: jax.Array, *args: Any,
 
   Args:
     block: an unbound-to-call Flax module (created inside the caller's
-      compact method, as for a plain call); it must not mutate variables.
+      compact method, as for a plain call); it may update 'batch_stats'
+      (not together with ``rngs``).
     x: the block input, the only differentiated argument.
     *args: hashable static arguments (e.g. Python bools) passed through.
     rngs: keys of the block's random streams (e.g. DropPath's 'dropout');
@@ -89,10 +91,13 @@ def gated_remat(block: nn.Module, x: jax.Array, *args: Any,
     # The recomputation reads `inputs` through a data dependency on the
     # cotangent, so it cannot start before the cotangent is computed.
     inputs = after(inputs, cotangent)
+    # Under train_bn the block updates its statistics again: kept local.
+    mutable = ['batch_stats'] if 'batch_stats' in variables else False
 
     def apply(params, inputs):
-      return standalone.apply({**variables, 'params': params}, inputs, *args,
-                              rngs=rngs)
+      out = standalone.apply({**variables, 'params': params}, inputs, *args,
+                             rngs=rngs, mutable=mutable)
+      return out[0] if mutable else out
 
     _, vjp = jax.vjp(apply, variables['params'], inputs)
     params_grad, inputs_grad = vjp(cotangent)
