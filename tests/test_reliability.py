@@ -1,9 +1,12 @@
 """Reliability of real CLI runs: determinism, SIGTERM/SIGKILL and resume.
 
 Like ``test_end_to_end.py`` these start ``python -m experiments.source_only``
-in a subprocess on the tiny config, with one CPU device. Three runs in all:
-the reference run (shared via a module fixture), its same-seed twin, and one
-run stopped by SIGTERM and then resumed to completion.
+in a subprocess on the tiny config, with one CPU device, reading both
+domains from files in the documented folder layout (PNG images and label
+maps, the real-data path: readers, decode, prefetch), so a resume is shown
+exact on real-layout input. The reference run is shared via a module
+fixture; its same-seed twin and the SIGTERM / SIGKILL runs resume against
+it. The TPLD kill test runs on the embedded data.
 """
 
 import json
@@ -31,20 +34,21 @@ OVERRIDES = (f"--config.num_steps={NUM_STEPS}",
              "--config.checkpoint_every=1000", "--config.log_every=5")
 
 
-def _command(workdir, cache_dir):
+def _command(workdir, data_root):
   return [sys.executable, "-m", "experiments.source_only",
           "--config=experiments/configs/source_only.py:tiny",
-          f"--config.source.data_dir={cache_dir}",
-          f"--config.target.data_dir={cache_dir}", *OVERRIDES,
-          f"--workdir={workdir}"]
+          "--config.source.name=folder", "--config.target.name=folder",
+          f"--config.source.data_dir={os.path.join(data_root, 'source')}",
+          f"--config.target.data_dir={os.path.join(data_root, 'target')}",
+          *OVERRIDES, f"--workdir={workdir}"]
 
 
 def _env():
   return child_env.child_env()  # One device: what a CPU user gets.
 
 
-def _run(workdir, cache_dir):
-  proc = subprocess.run(_command(workdir, cache_dir), cwd=ROOT, env=_env(),
+def _run(workdir, data_root):
+  proc = subprocess.run(_command(workdir, data_root), cwd=ROOT, env=_env(),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
   return proc
@@ -105,17 +109,36 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
+def folder_root(tmp_path_factory):
+  """Both domains as PNG files in the folder layout; target train unlabelled."""
+  # pylint: disable=g-import-not-at-top
+  from jaxda.data.embedded import synthetic
+  from jaxda.data.readers import folder
+  # pylint: enable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("folder_data")
+  for domain in ("source", "target"):
+    for split, n, seed in (("train", 16, 1), ("val", 8, 2)):
+      images, labels = synthetic.generate(domain, n, height=40, width=72,
+                                          seed=seed)
+      unlabelled = domain == "target" and split == "train"
+      folder.export_folder(str(root / domain), split, images,
+                           None if unlabelled else labels,
+                           synthetic.CLASS_NAMES)
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, folder_root):
   """Workdir of an uninterrupted run of the shared command."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  _run(workdir, cache_dir)
+  _run(workdir, folder_root)
   return workdir
 
 
-def test_same_seed_gives_bitwise_identical_runs(tmp_path, cache_dir,
+def test_same_seed_gives_bitwise_identical_runs(tmp_path, folder_root,
                                                 reference):
   twin = str(tmp_path / "twin")
-  _run(twin, cache_dir)
+  _run(twin, folder_root)
   want = _summary_target(reference)
   got = _summary_target(twin)
   assert len(want["per_class_iou"]) >= 8
@@ -132,10 +155,10 @@ def test_same_seed_gives_bitwise_identical_runs(tmp_path, cache_dir,
 
 
 def test_sigterm_checkpoints_then_resume_matches_uninterrupted(
-    tmp_path, cache_dir, reference):
+    tmp_path, folder_root, reference):
   workdir = str(tmp_path / "stopped")
   metrics = os.path.join(workdir, "metrics.jsonl")
-  command = _command(workdir, cache_dir)
+  command = _command(workdir, folder_root)
   # Files, not pipes: nobody reads a pipe while we poll, and a full one
   # would block the child.
   with open(tmp_path / "out.txt", "w") as out, \
@@ -175,7 +198,7 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted(
     if step % 5 == 0:
       assert losses[step] == ref_losses[step], step
 
-  proc = _run(workdir, cache_dir)
+  proc = _run(workdir, folder_root)
   assert f"Resuming from checkpoint step {stopped_at}" in proc.stdout
   assert _checkpoint_steps(workdir)[-1] == NUM_STEPS
   _assert_bitwise_equal(_saved_state(workdir, NUM_STEPS),
@@ -211,11 +234,11 @@ def _kill_when(command, ready, tmp_path, *, extra_delay_s):
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(
-    tmp_path, cache_dir, reference):
+    tmp_path, folder_root, reference):
   workdir = str(tmp_path / "killed")
   # Checkpoints every 7 steps; the kill lands anywhere after the second,
   # often mid-write of a later one (Orbax commits by an atomic rename).
-  command = _command(workdir, cache_dir) + ["--config.checkpoint_every=7"]
+  command = _command(workdir, folder_root) + ["--config.checkpoint_every=7"]
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ready = lambda: os.path.isdir(ckpt_dir) and any(
       d.isdigit() and int(d) >= 14 for d in os.listdir(ckpt_dir))
