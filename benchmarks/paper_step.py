@@ -445,8 +445,7 @@ def parse_args(argv=None):
   parser.add_argument("--bn-mode", default=None,
                       choices=("frozen", "train", "source"),
                       help="config.model.bn_mode (default: the preset's;"
-                      " AdaptSegNet's paper preset trains BN, 'train', in"
-                      " which the gated remat falls back to nn.remat)")
+                      " AdaptSegNet's paper preset trains BN, 'train')")
   parser.add_argument("--remat", action="store_true",
                       help="config.model.remat (recompute backbone blocks)")
   parser.add_argument("--memory-only", action="store_true",
